@@ -1,0 +1,16 @@
+"""Backends: one file per target. Rule tables (quantizers) and emitters (.pte, .onnx)."""
+
+from __future__ import annotations
+
+from qgraph.errors import ConfigError
+from qgraph.rules import Backend
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; a clear error lists the known ones."""
+    from qgraph.backends.xnnpack import XNNPACK
+
+    known = {XNNPACK.name: XNNPACK}
+    if not isinstance(name, str) or name not in known:
+        raise ConfigError(f"backend={name!r} is not known; choose one of {sorted(known)}")
+    return known[name]

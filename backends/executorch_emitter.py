@@ -1,0 +1,75 @@
+"""Emit an ExecuTorch program (``.pte``) with the XNNPACK delegate, and run one.
+
+``torch.export`` the converted Q/DQ graph, then ``to_edge_transform_and_lower`` with
+``XnnpackPartitioner``: XNNPACK takes every ``dq → op → q`` pattern it has an integer
+kernel for (and fp32 ops it supports), the rest runs on ExecuTorch's portable kernels.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from qgraph.files import atomic_write_bytes
+
+
+@dataclass
+class PteReport:
+    """What went into a ``.pte``: path, size and which ops the delegate took."""
+
+    path: str
+    size_bytes: int
+    delegated: Counter = field(default_factory=Counter)
+    not_delegated: Counter = field(default_factory=Counter)
+
+    @property
+    def delegated_fraction(self) -> float:
+        total = sum(self.delegated.values()) + sum(self.not_delegated.values())
+        return sum(self.delegated.values()) / total if total else 0.0
+
+
+def lower(program: torch.export.ExportedProgram):
+    """``EdgeProgramManager`` with the XNNPACK partitioner applied."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+
+
+def delegation_counts(edge) -> tuple[Counter, Counter]:
+    """Per-op counts of nodes inside and outside the delegate (edge-dialect op names)."""
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(edge.exported_program().graph_module)
+    inside, outside = Counter(), Counter()
+    for op, row in info.delegation_by_operator.items():
+        if row.delegated:
+            inside[op] = row.delegated
+        if row.non_delegated:
+            outside[op] = row.non_delegated
+    return inside, outside
+
+
+def write_pte(program: torch.export.ExportedProgram, path: str | os.PathLike) -> PteReport:
+    edge = lower(program)
+    inside, outside = delegation_counts(edge)
+    buffer = edge.to_executorch().buffer
+    atomic_write_bytes(path, buffer)
+    return PteReport(str(path), len(buffer), inside, outside)
+
+
+def load_pte(path: str | os.PathLike) -> Callable[..., Any]:
+    """A callable that runs ``forward`` of the ``.pte`` in the ExecuTorch runtime."""
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+
+    def run(*args: torch.Tensor):
+        outputs = method.execute([a.contiguous() for a in args])
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    return run

@@ -1,0 +1,52 @@
+"""Emit an ONNX model in QDQ form and run it in ONNX Runtime.
+
+``torch.onnx.export(dynamo=True)`` maps ``quantized_decomposed.quantize_per_*`` /
+``dequantize_per_*`` to ``QuantizeLinear`` / ``DequantizeLinear``; ONNX Runtime's graph
+optimizer then fuses ``DQ → Conv → Q`` into integer kernels. The batch axis stays dynamic.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+
+from qgraph.files import atomic_path
+
+
+def write_onnx(model: torch.nn.Module, args: Sequence[Any], dynamic_shapes: Any, path: str | os.PathLike) -> str:
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, tuple(args), dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, optimize=True
+        )
+    with atomic_path(path) as tmp:
+        program.save(str(tmp))
+        onnx.checker.check_model(str(tmp))
+    return str(path)
+
+
+def load_onnx(path: str | os.PathLike, optimize: bool = True) -> Callable[..., Any]:
+    """A callable that runs the model in ONNX Runtime's CPU provider and returns tensors.
+
+    ``optimize=False`` disables graph optimizations (plain QDQ, no fused integer kernels):
+    the reference behaviour of the Q/DQ graph, useful to tell fusion effects apart.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*args: torch.Tensor):
+        feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
+        outputs = [torch.from_numpy(o) for o in session.run(None, feeds)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    return run

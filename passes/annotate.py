@@ -1,0 +1,170 @@
+"""Annotate: the backend's rules write a :class:`QuantAnnotation` into ``node.meta``.
+
+Rules are tried in table order; within a rule, nodes in graph order, so pass-through rules
+see the annotations of their producers. A rule matches a chain ``anchor → f1 → f2`` when
+every follower is the only user of the node before it and no node of the chain is
+annotated yet. The anchor's inputs get specs by role (see :mod:`qgraph.rules`); the last
+node of the chain gets the output spec; the followers carry an annotation with no specs,
+which marks them as fused (no quantizer inside the chain).
+
+Why a node was not matched is recorded per rule; ``debug_node="conv2d_3"`` (or env
+``QGRAPH_DEBUG_NODE``) logs that list, and ``strict`` config turns an unquantized conv or
+linear into an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+import torch.fx
+
+from qgraph.batch_norm import FOLDED_INTO_KEY
+from qgraph.config import QConfig
+from qgraph.errors import UnsupportedOperatorError, describe_node
+from qgraph.graph import CONV_OPS, LINEAR_OPS, is_op, single_user
+from qgraph.pass_manager import Pass, PassResult
+from qgraph.rules import Backend, OpRule, QuantScheme, has_float_output
+from qgraph.specs import ANNOTATION_KEY, AnySpec, QuantAnnotation, SharedSpec
+
+log = logging.getLogger("qgraph.annotate")
+
+MUST_QUANTIZE_OPS = CONV_OPS | LINEAR_OPS
+
+
+class Annotate(Pass):
+    """Write the backend's quant specs into ``node.meta['qgraph_annotation']``."""
+
+    name = "annotate"
+
+    def __init__(self, backend: Backend, is_qat: bool, config: QConfig | None = None, debug_node: str | None = None):
+        self.backend = backend
+        self.config = config or QConfig()
+        self.default = backend.default_scheme(is_qat)
+        self.debug_node = debug_node or os.environ.get("QGRAPH_DEBUG_NODE")
+        self.refusals: dict[str, list[tuple[str, str]]] = {}
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        modified = False
+        for rule in self.backend.rules:
+            for node in gm.graph.nodes:
+                if is_op(node, rule.anchor_ops):
+                    modified |= self._try(gm, rule, node)
+        self._report_unquantized(gm)
+        return PassResult(gm, modified)
+
+    # -- matching ---------------------------------------------------------------------
+    def _refuse(self, node: torch.fx.Node, rule: OpRule, reason: str) -> bool:
+        self.refusals.setdefault(node.name, []).append((rule.name, reason))
+        if self.debug_node == node.name:
+            log.warning("node %s: rule %s refused: %s", node.name, rule.name, reason)
+        return False
+
+    def _chain(self, rule: OpRule, anchor: torch.fx.Node) -> list[torch.fx.Node] | str:
+        nodes = [anchor]
+        # Nodes that QAT batch-norm folding attached to this anchor belong to it.
+        while (nxt := single_user(nodes[-1])) is not None and nxt.meta.get(FOLDED_INTO_KEY) == anchor.name:
+            nodes.append(nxt)
+        for ops in rule.chain[1:]:
+            nxt = single_user(nodes[-1])
+            if nxt is None or not is_op(nxt, ops):
+                return f"'{nodes[-1].name}' is not followed by a single {sorted(map(str, ops))[0]}-like op"
+            nodes.append(nxt)
+        return nodes
+
+    def _try(self, gm: torch.fx.GraphModule, rule: OpRule, anchor: torch.fx.Node) -> bool:
+        if ANNOTATION_KEY in anchor.meta:
+            return False
+        chain = self._chain(rule, anchor)
+        if isinstance(chain, str):
+            return self._refuse(anchor, rule, chain)
+        if any(ANNOTATION_KEY in n.meta for n in chain):
+            return self._refuse(anchor, rule, "part of the pattern is already matched by another rule")
+        scheme = self.config.scheme_for(anchor, self.default)
+        if scheme is None:
+            return self._refuse(anchor, rule, "the config keeps this node in float (scheme None)")
+        if rule.check is not None:
+            reason = rule.check(gm, chain)
+            if reason:
+                return self._refuse(anchor, rule, reason)
+        inputs = self._input_specs(rule, anchor, scheme)
+        if isinstance(inputs, str):
+            return self._refuse(anchor, rule, inputs)
+        last = chain[-1]
+        output: AnySpec | None = None
+        if rule.output == "act":
+            output = scheme.activation
+        elif rule.output == "shared":
+            first = _first_tensor_input(anchor)
+            output = SharedSpec((first.name, anchor.name)) if first is not None else None
+        anchor.meta[ANNOTATION_KEY] = QuantAnnotation(rule.name, anchor.name, inputs, output if last is anchor else None)
+        for follower in chain[1:]:
+            follower.meta[ANNOTATION_KEY] = QuantAnnotation(
+                rule.name, anchor.name, {}, output if follower is last else None
+            )
+        return True
+
+    def _input_specs(self, rule: OpRule, anchor: torch.fx.Node, scheme: QuantScheme) -> dict[str, AnySpec] | str:
+        specs: dict[str, AnySpec] = {}
+        for index, role in rule.inputs.items():
+            if index >= len(anchor.args) or anchor.args[index] is None:
+                continue
+            arg = anchor.args[index]
+            if role == "list_shared":
+                items = [a for a in arg if isinstance(a, torch.fx.Node)]
+                if not items or not all(has_float_output(a) for a in items):
+                    return "inputs are not all float tensors"
+                first = items[0]
+                specs[first.name] = _follow(first) or scheme.activation
+                for other in items[1:]:
+                    specs.setdefault(other.name, SharedSpec((first.name, anchor.name)))
+                continue
+            if not isinstance(arg, torch.fx.Node):
+                continue
+            if role == "act":
+                specs[arg.name] = scheme.activation
+            elif role == "weight":
+                specs[arg.name] = scheme.weight
+            elif role == "bias":
+                if scheme.bias is not None:
+                    specs[arg.name] = scheme.bias
+            elif role in ("follow", "follow_or_act"):
+                shared = _follow(arg)
+                if shared is None and role == "follow":
+                    return f"input '{arg.name}' is not quantized, so there are no qparams to pass through"
+                specs[arg.name] = shared or scheme.activation
+        return specs
+
+    # -- reporting ----------------------------------------------------------------------
+    def _report_unquantized(self, gm: torch.fx.GraphModule) -> None:
+        for node in gm.graph.nodes:
+            if not is_op(node, MUST_QUANTIZE_OPS) or ANNOTATION_KEY in node.meta:
+                continue
+            tried = self.refusals.get(node.name, [])
+            if any("scheme None" in why for _, why in tried):
+                continue  # the user asked for float here
+            reasons = "; ".join(f"{r}: {why}" for r, why in tried) or "no rule of this backend covers it"
+            msg = (
+                f"{describe_node(node)} stays in float on backend '{self.backend.name}' ({reasons}). "
+                "Keep it in float explicitly with QConfig.set_module_name(..., None), or add a rule for it."
+            )
+            if self.config.strict:
+                raise UnsupportedOperatorError(msg)
+            warnings.warn(msg, stacklevel=2)
+
+
+def _follow(producer: torch.fx.Node) -> SharedSpec | None:
+    """Share the producer's output qparams when it has an output spec."""
+    ann = producer.meta.get(ANNOTATION_KEY)
+    if ann is not None and ann.output is not None:
+        return SharedSpec(producer.name)
+    return None
+
+
+def _first_tensor_input(node: torch.fx.Node) -> torch.fx.Node | None:
+    arg = node.args[0] if node.args else None
+    if isinstance(arg, (list, tuple)):
+        arg = next((a for a in arg if isinstance(a, torch.fx.Node)), None)
+    return arg if isinstance(arg, torch.fx.Node) else None

@@ -1,0 +1,91 @@
+"""Freeze qparams: observer / fake-quant calls become quantize → dequantize ops.
+
+Each quantizer call ``q = module(x)`` becomes::
+
+    xq = quantized_decomposed.quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype)
+    dq_i = quantized_decomposed.dequantize_per_tensor(xq, ...)     # one per user of q
+
+(``*_per_channel`` with scale and zero-point tensors for per-channel specs). These are the
+ops ExecuTorch's XNNPACK partitioner and the ONNX exporter turn into integer kernels. One
+dequantize per user, as torchao's ``convert_pt2e`` does, so that a partitioner can take
+each consumer with its own dequantize. A call of a module whose input is already the
+output of the same module (left behind when a dropout between them was removed) is the
+identity and is dropped. qparams come from ``module.qparams()``, the same function the
+fake-quant used, so eval-mode fake-quant and the converted graph agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from qgraph.errors import CalibrationError, describe_node
+from qgraph.graph import add_constant, copy_provenance
+from qgraph.observers import QUANTIZER_TYPES
+from qgraph.pass_manager import Pass, PassResult
+from qgraph.qdq_ops import qd
+
+
+
+def _quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    if node.op != "call_module":
+        return None
+    mod = gm.get_submodule(str(node.target))
+    return mod if isinstance(mod, QUANTIZER_TYPES) else None
+
+
+class FreezeQparams(Pass):
+    name = "freeze_qparams"
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        changed = False
+        used_modules = set()
+        for node in list(gm.graph.nodes):
+            src = node.args[0] if node.args else None
+            if _quantizer(gm, node) is not None and isinstance(src, torch.fx.Node) and src.target == node.target:
+                node.replace_all_uses_with(src)  # same qparams twice in a row: the identity
+                gm.graph.erase_node(node)
+        for node in list(gm.graph.nodes):
+            mod = _quantizer(gm, node)
+            if mod is None:
+                continue
+            used_modules.add(str(node.target))
+            changed = True
+            if not mod.has_range:
+                raise CalibrationError(
+                    f"quantizer '{node.target}' at {describe_node(node)} never saw data: "
+                    "run qgraph.calibrate (PTQ) or train a few steps (QAT) before convert"
+                )
+            self._replace(gm, node, mod)
+        for name in used_modules:
+            if not any(n.op == "call_module" and n.target == name for n in gm.graph.nodes):
+                delattr(gm, name)
+        return PassResult(gm, changed)
+
+    def _replace(self, gm: torch.fx.GraphModule, node: torch.fx.Node, mod) -> None:
+        spec = mod.spec
+        scale, zero_point = mod.qparams()
+        graph = gm.graph
+        tail = (spec.quant_min, spec.quant_max, spec.dtype)
+        with graph.inserting_before(node):
+            if spec.is_per_channel:
+                axis = spec.granularity.axis
+                s = add_constant(gm, f"scale_{node.target}", scale.to(torch.float32), like=node)
+                z = add_constant(gm, f"zero_point_{node.target}", zero_point.to(torch.int64), like=node)
+                qparams = (s, z, axis, *tail)
+                quantize, dequantize = qd.quantize_per_channel.default, qd.dequantize_per_channel.default
+            else:
+                qparams = (float(scale.item()), int(zero_point.item()), *tail)
+                quantize, dequantize = qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default
+            q = graph.call_function(quantize, (node.args[0], *qparams))
+            copy_provenance(q, node, self.name)
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                q.meta["val"] = val.to(spec.dtype)
+        for user in list(node.users):
+            with graph.inserting_before(user):
+                dq = graph.call_function(dequantize, (q, *qparams))
+            copy_provenance(dq, node, self.name)
+            dq.meta["val"] = val
+            user.replace_input_with(node, dq)
+        graph.erase_node(node)

@@ -1,0 +1,77 @@
+"""Insert quantizers: one observer (PTQ) or fake-quant module (QAT) per group of points.
+
+For each :class:`~qgraph.passes.resolve_specs.QuantGroup` one module is registered on the
+GraphModule (``fq_<point>`` for QAT, ``obs_<point>`` for PTQ) and called at every point of
+the group:
+
+* an *output* point ``n``: ``q = module(n)`` right after ``n``, and every user of ``n``
+  reads ``q`` instead;
+* an *edge* ``(p, c)``: ``q = module(p)`` right before ``c``, and only ``c`` reads ``q``.
+
+Edges are rewired before outputs, so an edge whose producer also has a quantized output
+reads the quantized output (a requantization), never the raw float value.
+
+Because the modules are called like any other submodule, the prepared GraphModule stays a
+plain ``nn.Module`` that trains with any optimizer; the straight-through estimator lives in
+:func:`qgraph.qparams.fake_quantize`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from qgraph.graph import copy_provenance
+from qgraph.observers import FakeQuantize, Observer
+from qgraph.pass_manager import Pass, PassResult
+from qgraph.passes.resolve_specs import GROUPS_KEY, ResolveSpecs
+
+QUANTIZER_KEY = "qgraph_quantizer"
+"""``node.meta`` key on inserted call_module nodes: the point they quantize."""
+
+
+class InsertQuantizers(Pass):
+    """Put observers (``is_qat=False``) or fake-quant modules (``is_qat=True``) on every group."""
+
+    name = "insert_quantizers"
+    requires = (ResolveSpecs,)
+
+    def __init__(self, is_qat: bool):
+        self.is_qat = is_qat
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        groups = gm.meta.get(GROUPS_KEY, [])
+        nodes = {n.name: n for n in gm.graph.nodes}
+        kind, prefix = (FakeQuantize, "fq") if self.is_qat else (Observer, "obs")
+        inserted = 0
+        for group in groups:
+            module_name = _free_name(gm, f"{prefix}_{group.name}")
+            gm.add_submodule(module_name, kind(group.spec, point=group.name))
+            for producer, consumer in group.edges:
+                p, c = nodes[producer], nodes[consumer]
+                with gm.graph.inserting_before(c):
+                    q = self._call(gm, module_name, p, (producer, consumer), like=c)
+                c.replace_input_with(p, q)
+                inserted += 1
+            for name in group.outputs:
+                n = nodes[name]
+                with gm.graph.inserting_after(n):
+                    q = self._call(gm, module_name, n, name)
+                n.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
+                inserted += 1
+        return PassResult(gm, inserted > 0)
+
+    def _call(self, gm, module_name: str, source: torch.fx.Node, point, like: torch.fx.Node | None = None) -> torch.fx.Node:
+        q = gm.graph.call_module(module_name, (source,))
+        copy_provenance(q, like or source, self.name)
+        q.meta["val"] = source.meta.get("val")
+        q.meta[QUANTIZER_KEY] = point
+        return q
+
+
+def _free_name(gm: torch.fx.GraphModule, base: str) -> str:
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name

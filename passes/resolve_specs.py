@@ -1,0 +1,129 @@
+"""Resolve specs: group the quantized points that must share one set of qparams.
+
+A *point* is a node's output (its name) or one edge ``(producer, consumer)``. Every
+:class:`SharedSpec` is an edge between two points in a union-find; the connected components
+are the *groups*, each of which gets one observer or fake-quant module later.
+
+An input edge whose concrete spec equals the spec of its producer's output is merged into
+the producer's group: ``conv → relu → conv`` quantizes the relu output once, not once per
+consumer. Two different concrete specs in one group are an error (the rules contradict
+each other) that names the points.
+
+The result is stored as a list of :class:`QuantGroup` in ``gm.meta['qgraph_groups']``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx
+
+from qgraph.errors import ConfigError
+from qgraph.pass_manager import Pass, PassResult
+from qgraph.passes.annotate import Annotate
+from qgraph.specs import ANNOTATION_KEY, Point, QuantSpec, SharedSpec
+
+GROUPS_KEY = "qgraph_groups"
+
+
+@dataclass
+class QuantGroup:
+    """Points that share one set of qparams, and the spec they share."""
+
+    spec: QuantSpec
+    outputs: list[str] = field(default_factory=list)
+    edges: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        first = self.outputs[0] if self.outputs else "__".join(self.edges[0])
+        return first
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[Point, Point] = {}
+
+    def find(self, p: Point) -> Point:
+        self.parent.setdefault(p, p)
+        while self.parent[p] != p:
+            self.parent[p] = self.parent[self.parent[p]]
+            p = self.parent[p]
+        return p
+
+    def union(self, a: Point, b: Point) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+class ResolveSpecs(Pass):
+    """Turn per-node annotations into groups of points with one spec each."""
+
+    name = "resolve_specs"
+    requires = (Annotate,)
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        uf = _UnionFind()
+        concrete: dict[Point, QuantSpec] = {}
+        edges: list[tuple[str, str]] = []
+        outputs: list[str] = []
+        for node in gm.graph.nodes:
+            ann = node.meta.get(ANNOTATION_KEY)
+            if ann is None:
+                continue
+            if ann.output is not None:
+                outputs.append(node.name)
+                uf.find(node.name)
+                self._attach(uf, concrete, node.name, ann.output)
+            for producer, spec in ann.inputs.items():
+                edge = (producer, node.name)
+                edges.append(edge)
+                uf.find(edge)
+                self._attach(uf, concrete, edge, spec)
+
+        # Merge an edge into its producer's output group when both want the same spec.
+        output_set = set(outputs)
+        root_spec = {uf.find(p): spec for p, spec in concrete.items()}
+        for edge in edges:
+            producer = edge[0]
+            if producer in output_set and edge in concrete:
+                if root_spec.get(uf.find(producer)) == concrete[edge]:
+                    uf.union(producer, edge)
+
+        groups: dict[Point, QuantGroup] = {}
+        members: dict[Point, list[Point]] = {}
+        for point in [*outputs, *edges]:
+            members.setdefault(uf.find(point), []).append(point)
+        for root, points in members.items():
+            specs = {concrete[p] for p in points if p in concrete}
+            if not specs:
+                continue  # shared with nothing concrete: stays float
+            if len(specs) > 1:
+                raise ConfigError(
+                    f"points {points} must share qparams but were given different specs "
+                    f"{[s.short() for s in specs]}; make the backend rules agree"
+                )
+            group = QuantGroup(spec=specs.pop())
+            for p in points:
+                if isinstance(p, str):
+                    group.outputs.append(p)
+                else:
+                    group.edges.append(p)
+            groups[root] = group
+        # Edges inside an output group need no quantizer of their own.
+        for group in groups.values():
+            group.edges = [e for e in group.edges if e[0] not in group.outputs]
+        result = list(groups.values())
+        previous = gm.meta.get(GROUPS_KEY)
+        gm.meta[GROUPS_KEY] = result
+        return PassResult(gm, modified=previous != result)
+
+    @staticmethod
+    def _attach(uf: _UnionFind, concrete: dict, point: Point, spec) -> None:
+        if isinstance(spec, SharedSpec):
+            uf.union(spec.point, point)
+        elif isinstance(spec, QuantSpec):
+            concrete[point] = spec
+        else:
+            raise ConfigError(f"spec {type(spec).__name__} on {point} is not supported by this pipeline yet")

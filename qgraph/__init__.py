@@ -1,0 +1,55 @@
+"""qgraph: a quantization compiler for PyTorch built on ``torch.export``.
+
+    gm = qgraph.prepare_qat(model, (x,))          # or prepare_ptq + calibrate
+    ... train gm like any nn.Module ...
+    q = qgraph.convert(gm)
+    qgraph.export_pte(q, (x,), "model.pte")
+    qgraph.export_onnx(q, (x,), "model.onnx")
+"""
+
+from qgraph.api import calibrate, convert, prepare_ptq, prepare_qat
+from qgraph.capture import capture
+from qgraph.config import QConfig
+from qgraph.emit import export_onnx, export_pte, load_onnx, load_pte
+from qgraph.errors import (
+    CalibrationError,
+    CaptureError,
+    ConfigError,
+    PassError,
+    PassOrderError,
+    QGraphError,
+    UnsupportedOperatorError,
+)
+from qgraph.modes import eval_mode, freeze_bn_stats, freeze_observers, train_mode
+from qgraph.rules import QuantScheme
+from qgraph.specs import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+
+__all__ = [
+    "capture",
+    "prepare_qat",
+    "prepare_ptq",
+    "calibrate",
+    "convert",
+    "export_pte",
+    "export_onnx",
+    "load_pte",
+    "load_onnx",
+    "train_mode",
+    "eval_mode",
+    "freeze_observers",
+    "freeze_bn_stats",
+    "QConfig",
+    "QuantScheme",
+    "QuantSpec",
+    "PerTensor",
+    "PerChannel",
+    "PerGroup",
+    "PerToken",
+    "QGraphError",
+    "CaptureError",
+    "ConfigError",
+    "UnsupportedOperatorError",
+    "PassOrderError",
+    "PassError",
+    "CalibrationError",
+]

@@ -1,0 +1,112 @@
+"""Observer and fake-quant modules that ``insert_quantizers`` puts on quantized edges.
+
+Both keep a running range ``[min_val, max_val]`` in buffers (so they travel in the
+``state_dict``) and compute qparams with :func:`qgraph.qparams.qparams_from_range`.
+
+* :class:`Observer` (PTQ) records the range of what flows through and returns it unchanged.
+* :class:`FakeQuantize` (QAT) records the range while its module is in training mode and
+  returns ``fake_quantize(x)``; gradients pass straight through inside the range.
+
+Range update rules (``spec.observer``):
+
+* ``minmax``: ``min_val = min(min_val, x.min())`` — every value ever seen.
+* ``moving_average_minmax``: ``min_val += c * (x.min() - min_val)`` with ``c =
+  spec.averaging_constant``; the first batch sets the range. Per-channel specs reduce over
+  every dimension but ``axis``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qgraph.qparams import fake_quantize, qparams_from_range
+from qgraph.specs import QuantSpec
+
+
+def _reduce_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach()
+    if spec.is_per_channel:
+        axis = spec.granularity.axis % x.dim()  # type: ignore[union-attr]
+        flat = x.transpose(0, axis).reshape(x.shape[axis], -1)
+        return torch.aminmax(flat, dim=1)
+    lo, hi = torch.aminmax(x)
+    return lo.reshape(1), hi.reshape(1)
+
+
+class _RangeTracker(nn.Module):
+    """Shared state of observers and fake-quant modules: the spec and the running range."""
+
+    def __init__(self, spec: QuantSpec, point: str = "") -> None:
+        super().__init__()
+        self.spec = spec
+        self.point = point
+        self.register_buffer("min_val", torch.empty(0))
+        self.register_buffer("max_val", torch.empty(0))
+        self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
+
+    def _update_range(self, x: torch.Tensor) -> None:
+        lo, hi = _reduce_range(x, self.spec)
+        if self.min_val.numel() == 0:
+            self.min_val = lo.clone()
+            self.max_val = hi.clone()
+        elif self.spec.observer == "minmax":
+            torch.minimum(self.min_val, lo, out=self.min_val)
+            torch.maximum(self.max_val, hi, out=self.max_val)
+        else:
+            c = self.spec.averaging_constant
+            self.min_val.add_(lo - self.min_val, alpha=c)
+            self.max_val.add_(hi - self.max_val, alpha=c)
+
+    @property
+    def has_range(self) -> bool:
+        return self.min_val.numel() > 0
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` for the range seen so far."""
+        if not self.has_range:
+            raise RuntimeError("no data has been observed yet")
+        return qparams_from_range(self.min_val, self.max_val, self.spec)
+
+    def freeze(self) -> None:
+        """Stop updating the range; qparams stay as they are."""
+        self.observer_enabled.fill_(0)
+
+    def extra_repr(self) -> str:
+        rng = f"[{self.min_val.min().item():.4g}, {self.max_val.max().item():.4g}]" if self.has_range else "unobserved"
+        return f"{self.spec.short()}, range={rng}"
+
+
+class Observer(_RangeTracker):
+    """PTQ observer: watches values, returns them unchanged; NaN or inf is an error.
+
+    Observers run in graph order, so the first one to see a non-finite value names the
+    node where it first appears among the quantized points.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled.item():
+            if not torch.isfinite(x).all():
+                from qgraph.errors import CalibrationError
+
+                raise CalibrationError(
+                    f"NaN or inf reached the observer of {self.point or 'a node'} during calibration; "
+                    "check the calibration data and the layers before this node"
+                )
+            self._update_range(x)
+        return x
+
+
+class FakeQuantize(_RangeTracker):
+    """QAT fake-quant: observes in training mode, always fake-quantizes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.observer_enabled.item():
+            self._update_range(x)
+        if not self.has_range:
+            self._update_range(x)  # first call in eval mode: quantize against this batch
+        scale, zero_point = self.qparams()
+        return fake_quantize(x, scale, zero_point, self.spec)
+
+
+QUANTIZER_TYPES = (Observer, FakeQuantize)

@@ -1,0 +1,195 @@
+"""Quantization specs: what a quantized edge of the graph means.
+
+A *spec* says how a float tensor ``x`` maps to integers ``q``:
+
+    q = clamp(round(x / scale) + zero_point, quant_min, quant_max)
+    x ≈ (q - zero_point) * scale
+
+with ``scale`` and ``zero_point`` one per tensor, per channel (along ``axis``), per group of
+``group_size`` elements along the last dimension, or per token (all but the last dim).
+The range ``[quant_min, quant_max]`` follows from the dtype and bit width; a *symmetric*
+spec fixes ``zero_point`` at the middle of the range so that 0.0 maps to it exactly.
+
+Besides plain :class:`QuantSpec` there are three explicit relations between edges, so that
+nothing is a convention hidden in a string:
+
+* :class:`SharedSpec` – this edge uses the very same qparams as another edge or output
+  (cat inputs, max-pool and reshape outputs).
+* :class:`DerivedSpec` – qparams computed from other edges' qparams
+  (bias scale = input scale × weight scale, zero point 0, int32).
+* :class:`FixedSpec` – qparams known ahead of time (sigmoid output: scale 1/256, zp -128).
+
+Specs are frozen dataclasses: hashable, comparable, safe to share between nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal, Union
+
+import torch
+
+from qgraph.errors import ConfigError
+
+ObserverKind = Literal["minmax", "moving_average_minmax"]
+_OBSERVERS = ("minmax", "moving_average_minmax")
+_DTYPE_RANGES = {
+    torch.int8: (-128, 127),
+    torch.uint8: (0, 255),
+    torch.int16: (-(2**15), 2**15 - 1),
+    torch.int32: (-(2**31), 2**31 - 1),
+}
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale and zero point for the whole tensor."""
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale and zero point per slice along ``axis`` (output channels of a weight)."""
+
+    axis: int = 0
+
+
+@dataclass(frozen=True)
+class PerGroup:
+    """One scale per ``group_size`` consecutive elements of the last dimension."""
+
+    group_size: int = 32
+
+
+@dataclass(frozen=True)
+class PerToken:
+    """One scale per row: every dimension but the last (dynamic activations of LLMs)."""
+
+
+Granularity = Union[PerTensor, PerChannel, PerGroup, PerToken]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    ``bits`` may be below the dtype's width (int4 values stored in int8): the range is then
+    ``[-2**(bits-1), 2**(bits-1)-1]`` for signed and ``[0, 2**bits-1]`` for unsigned dtypes.
+    ``narrow_range`` drops the most negative value (int8 weights in ``[-127, 127]``) so
+    that a symmetric range is symmetric. ``eps`` is the smallest scale an observer returns.
+    """
+
+    dtype: torch.dtype = torch.int8
+    bits: int = 8
+    symmetric: bool = False
+    narrow_range: bool = False
+    granularity: Granularity = field(default_factory=PerTensor)
+    dynamic: bool = False
+    observer: ObserverKind = "moving_average_minmax"
+    averaging_constant: float = 0.01
+    eps: float = 2.0**-12
+    learnable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPE_RANGES:
+            raise ConfigError(
+                f"QuantSpec.dtype={self.dtype} is not supported; use one of "
+                f"{sorted(str(d) for d in _DTYPE_RANGES)}"
+            )
+        width = torch.iinfo(self.dtype).bits
+        if not 2 <= self.bits <= width:
+            raise ConfigError(f"QuantSpec.bits={self.bits} must be in [2, {width}] for dtype {self.dtype}")
+        if self.observer not in _OBSERVERS:
+            raise ConfigError(f"QuantSpec.observer={self.observer!r} must be one of {_OBSERVERS}")
+        if not 0.0 < self.averaging_constant <= 1.0:
+            raise ConfigError(f"QuantSpec.averaging_constant={self.averaging_constant} must be in (0, 1]")
+        if self.eps <= 0:
+            raise ConfigError(f"QuantSpec.eps={self.eps} must be positive")
+        if self.narrow_range and not self.symmetric:
+            raise ConfigError("QuantSpec.narrow_range=True only makes sense with symmetric=True")
+
+    @property
+    def quant_min(self) -> int:
+        signed = self.dtype.is_signed
+        low = -(2 ** (self.bits - 1)) if signed else 0
+        return low + 1 if self.narrow_range and signed else low
+
+    @property
+    def quant_max(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.dtype.is_signed else 2**self.bits - 1
+
+    @property
+    def is_per_channel(self) -> bool:
+        return isinstance(self.granularity, PerChannel)
+
+    def with_(self, **changes) -> "QuantSpec":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def short(self) -> str:
+        """Compact text for dumps: ``int8[-128,127] affine per_tensor``."""
+        kind = "sym" if self.symmetric else "affine"
+        gran = type(self.granularity).__name__
+        if isinstance(self.granularity, PerChannel):
+            gran += f"(axis={self.granularity.axis})"
+        extra = " dynamic" if self.dynamic else ""
+        return f"{self.dtype}[{self.quant_min},{self.quant_max}] {kind} {gran}{extra}".replace("torch.", "")
+
+
+Edge = tuple[str, str]
+"""(producer node name, consumer node name): one input of one node."""
+
+Point = Union[Edge, str]
+"""A place that can carry qparams: an edge, or a node name meaning that node's output."""
+
+
+@dataclass(frozen=True)
+class SharedSpec:
+    """Use exactly the qparams of ``point`` (an edge ``(producer, consumer)`` or a node's output)."""
+
+    point: Point
+
+
+@dataclass(frozen=True)
+class DerivedSpec:
+    """Qparams derived from other points: ``scale = prod(scales)``, ``zero_point = 0``.
+
+    The usual case is an int32 bias whose scale is input scale × weight scale, so that the
+    bias adds straight into the int32 accumulator of a conv or linear.
+    """
+
+    points: tuple[Point, ...]
+    dtype: torch.dtype = torch.int32
+
+
+@dataclass(frozen=True)
+class FixedSpec:
+    """Qparams known without observing: outputs of sigmoid, softmax, tanh."""
+
+    scale: float
+    zero_point: int
+    dtype: torch.dtype = torch.int8
+    quant_min: int = -128
+    quant_max: int = 127
+
+
+AnySpec = Union[QuantSpec, SharedSpec, DerivedSpec, FixedSpec]
+
+
+@dataclass
+class QuantAnnotation:
+    """What a backend rule decided for one node; lives in ``node.meta[ANNOTATION_KEY]``.
+
+    ``inputs`` maps an input node's name to the spec on that edge; ``output`` is the spec of
+    the node's own output. ``rule`` names the backend rule that matched, ``anchor`` the node
+    that anchors the matched pattern (a fused ReLU points at its conv); nodes inside a fused
+    pattern carry no spec on their internal edges.
+    """
+
+    rule: str
+    anchor: str
+    inputs: dict[str, AnySpec] = field(default_factory=dict)
+    output: AnySpec | None = None
+
+
+ANNOTATION_KEY = "qgraph_annotation"
+"""``node.meta`` key of :class:`QuantAnnotation`."""
