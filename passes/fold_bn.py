@@ -1,10 +1,11 @@
-"""Fold the simulated Conv + BN of QAT into one conv with folded weight and bias (convert).
+"""Fold constants: evaluate every node computed from parameters alone (convert).
 
-``FuseConvBnQat`` left ``conv(x, fq(w * s), None) / s [+ b] → batch_norm``. With the
-running statistics this is ``conv(x, fq(w'), b')`` where ``w' = w * s`` and
-``b' = (b - mean) * s + beta`` (:mod:`qgraph.batch_norm`). The weight's fake-quant module
-now reads the constant ``w'`` — the same values it saw in eval mode, so its qparams fit —
-and the divide, the bias add and the batch norm disappear.
+In the eval form of QAT's simulated conv+BN the weight is ``w * s`` and the bias
+``(b - mean) * s + beta``, computed in the graph from parameters. Evaluating those nodes
+once with the very kernels the graph ran leaves constants that are bit-identical to what
+eval-mode fake-quant saw, so the weight quantizer's qparams fit them exactly. Nodes with
+side effects (in-place ops such as BN's ``num_batches_tracked += 1``) are left to
+``remove_dead_nodes`` or kept. The simulated-BN records are dropped: there is no BN left.
 """
 
 from __future__ import annotations
@@ -12,62 +13,52 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qgraph.batch_norm import FOLDED_INTO_KEY, bn_counter_updates, bn_params, fold_conv_bn_weights
-from qgraph.graph import BATCH_NORM_OPS, add_constant, get_constant, is_op, remove_dead_nodes
+from qgraph.batch_norm import bn_counter_updates
+from qgraph.graph import add_constant, get_constant, remove_dead_nodes
 from qgraph.pass_manager import Pass, PassResult
+from qgraph.passes.fuse_conv_bn_qat import EVAL_FORM_KEY, SIMULATED_BN_KEY
+
+aten = torch.ops.aten
+
+
+def _is_constant(node: object) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "get_attr"
 
 
 class FoldBn(Pass):
-    """Replace each QAT-simulated conv+BN by a conv with folded constants."""
+    """Constant-fold parameter-only computations; finish QAT conv+BN folding."""
 
     name = "fold_bn"
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        nodes = {n.name: n for n in gm.graph.nodes}
         folded = 0
-        for bn in list(gm.graph.nodes):
-            if not is_op(bn, BATCH_NORM_OPS) or FOLDED_INTO_KEY not in bn.meta:
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.is_impure() or not node.all_input_nodes:
                 continue
-            conv = nodes[bn.meta[FOLDED_INTO_KEY]]
-            chain = [n for n in gm.graph.nodes if n.meta.get(FOLDED_INTO_KEY) == conv.name and n is not bn]
-            scaled_w = _scaled_weight(conv)
-            weight_node = scaled_w.args[0]
-            bias = _original_bias(chain)
-            w, b = fold_conv_bn_weights(
-                get_constant(gm, weight_node),
-                get_constant(gm, bias) if bias is not None else None,
-                bn_params(gm, bn),
-            )
-            with gm.graph.inserting_before(scaled_w):
-                w_node = add_constant(gm, f"{weight_node.target}_folded", w, like=weight_node)
-                b_node = add_constant(gm, f"{weight_node.target}_folded_bias", b, like=bn)
-            scaled_w.replace_all_uses_with(w_node)
-            args = list(conv.args)
-            args[2] = b_node
-            conv.args = tuple(args)
-            bn.replace_all_uses_with(conv)
-            for counter in bn_counter_updates(gm, bn):
-                gm.graph.erase_node(counter)
-            for node in [bn, *reversed(chain)]:
-                gm.graph.erase_node(node)
+            if not all(_is_constant(n) for n in node.all_input_nodes):
+                continue
+            args = torch.fx.node.map_arg(node.args, lambda n: get_constant(gm, n))
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: get_constant(gm, n))
+            with torch.no_grad():
+                value = node.target(*args, **kwargs)
+            if not isinstance(value, torch.Tensor):
+                continue
+            with gm.graph.inserting_before(node):
+                const = add_constant(gm, f"{node.name}_folded", value, like=node)
+            node.replace_all_uses_with(const)
+            gm.graph.erase_node(node)
             folded += 1
-        if folded:
+        simulated = [n for n in gm.graph.nodes if SIMULATED_BN_KEY in n.meta]
+        for conv in simulated:
+            info = conv.meta.pop(SIMULATED_BN_KEY)
+            if info.form != "eval":
+                raise RuntimeError(f"conv '{conv.name}' is still in QAT train form; call eval_mode before folding")
+            gamma = next((n for n in gm.graph.nodes if n.name == info.gamma), None)
+            for counter in bn_counter_updates(gm, gamma):
+                gm.graph.erase_node(counter)
+            for n in gm.graph.nodes:
+                n.meta.pop(EVAL_FORM_KEY, None)
+        if folded or simulated:
             remove_dead_nodes(gm)
-        return PassResult(gm, folded > 0)
+        return PassResult(gm, bool(folded or simulated))
 
-
-def _scaled_weight(conv: torch.fx.Node) -> torch.fx.Node:
-    """The ``w * s`` node feeding the conv, looking through an inserted quantizer call."""
-    w = conv.args[1]
-    while w.op == "call_module":
-        w = w.args[0]
-    return w
-
-
-def _original_bias(chain: list[torch.fx.Node]) -> torch.fx.Node | None:
-    """The conv's original bias: the get_attr behind ``y + reshape(b)`` in the chain, if any."""
-    for node in chain:
-        if node.target == torch.ops.aten.add.Tensor:
-            view = node.args[1]
-            return view.args[0]
-    return None

@@ -1,22 +1,30 @@
 """Simulated Conv + BatchNorm folding for QAT that keeps BN statistics training.
 
-The deployed model runs ``conv(x, q(w * s), b')`` with ``s = gamma / sqrt(var + eps)``
-(see :mod:`qgraph.batch_norm`), so QAT must fake-quantize the *folded* weight ``w * s``.
-Yet BN should keep normalizing with batch statistics and updating its running ones while
-training. The rewrite (Jacob et al. 2018; torchao's ``_fuse_conv_bn_qat``) is::
+The deployed model runs ``conv(x, q(w * s), b')`` with ``s = gamma / sqrt(var + eps)`` and
+``b' = (b - mean) * s + beta`` (see :mod:`qgraph.batch_norm`), so QAT must fake-quantize the
+*folded* weight ``w * s``. Yet BN should keep normalizing with batch statistics and
+updating its running ones while training. The graph therefore has two forms per conv:
 
-    s    = gamma / sqrt(running_var + eps)
-    y    = conv(x, fq(w * s), None) / s        # ≈ conv(x, w): undo the scale
-    y    = y + b                               # original conv bias, if any
-    out  = batch_norm(y, gamma, beta, running_mean, running_var, training, ...)
+*train form* (Jacob et al. 2018; torchao's ``_fuse_conv_bn_qat``)::
 
-In eval mode ``out = conv(x, fq(w*s)) + (b - mean) * s + beta`` exactly, which is the
-converted conv with folded bias. The nodes ``div``, ``add`` and ``batch_norm`` are tagged
-with ``qgraph_folded_into = <conv name>`` so that the annotate pass treats them as part
-of the conv and ``convert`` (``FoldBn``) can fold them away.
+    y   = conv(x, fq(w * s), None) / s  [+ b]     # ≈ conv(x, w) + b: undo the scale
+    out = batch_norm(y, gamma, beta, mean, var, training=True, ...)
+
+*eval form*, exactly what ``convert`` will store::
+
+    out = conv(x, fq(w * s), (b - mean) * s + beta)
+
+``FuseConvBnQat`` builds the train form and records a :class:`SimulatedBn` in the conv's
+``meta``; :func:`set_simulated_bn_form` (called by ``train_mode`` / ``eval_mode``) switches
+between the forms. Because the eval form computes ``w * s`` and ``b'`` with the same ops
+``convert`` constant-folds, eval-mode fake-quant and the converted graph agree bit for bit.
+Nodes of the train-form tail carry ``qgraph_folded_into = <conv name>`` so that the
+annotate pass treats them as part of the conv.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -27,6 +35,26 @@ from qgraph.pass_manager import Pass, PassResult
 from qgraph.passes.fold_conv_bn import conv_bn_pairs
 
 aten = torch.ops.aten
+
+SIMULATED_BN_KEY = "qgraph_simulated_bn"
+EVAL_FORM_KEY = "qgraph_bn_eval_form"
+
+
+@dataclass
+class SimulatedBn:
+    """What a conv needs to rebuild either form of its folded batch norm (node names)."""
+
+    gamma: str
+    beta: str
+    mean: str
+    var: str
+    scale: str
+    bias: str | None
+    momentum: float
+    eps: float
+    cudnn: bool
+    bn_meta: dict = field(default_factory=dict)
+    form: str = "train"
 
 
 class FuseConvBnQat(Pass):
@@ -40,44 +68,126 @@ class FuseConvBnQat(Pass):
         for conv, bn in pairs:
             weight = conv.args[1]
             bias = conv.args[2] if len(conv.args) > 2 else None
-            _, gamma, _, _, var = bn.args[:5]
-            eps = float(bn.args[7])
+            _, gamma, beta, mean, var = bn.args[:5]
             ndim = weight.meta["val"].dim()
-            w_shape = [-1] + [1] * (ndim - 1)
-            y_shape = [1, -1] + [1] * (ndim - 2)
-
-            def make(target, args, src=conv):
-                node = graph.call_function(target, args)
-                copy_provenance(node, src, self.name)
-                return node
-
             with graph.inserting_before(conv):
-                std = make(aten.sqrt.default, (make(aten.add.Tensor, (var, eps), bn),), bn)
-                scale = make(aten.div.Tensor, (gamma, std), bn)
-                scaled_w = make(aten.mul.Tensor, (weight, make(aten.reshape.default, (scale, w_shape), bn)))
-                scale_y = make(aten.reshape.default, (scale, y_shape), bn)
-                b_view = make(aten.reshape.default, (bias, y_shape)) if bias is not None else None
+                std = _make(graph, aten.sqrt.default, (_make(graph, aten.add.Tensor, (var, bn.args[7]), bn),), bn)
+                scale = _make(graph, aten.div.Tensor, (gamma, std), bn)
+                w_scale = _make(graph, aten.reshape.default, (scale, [-1] + [1] * (ndim - 1)), bn)
+                scaled_w = _make(graph, aten.mul.Tensor, (weight, w_scale), conv)
+            scaled_w.meta["val"] = weight.meta.get("val")
             args = list(conv.args) + [None] * (3 - len(conv.args))
             args[1], args[2] = scaled_w, None
             conv.args = tuple(args)
-            with graph.inserting_after(conv):
-                unscaled = make(aten.div.Tensor, (conv, scale_y))
-            tail = unscaled
-            if b_view is not None:
-                with graph.inserting_after(unscaled):
-                    tail = make(aten.add.Tensor, (unscaled, b_view))
-            conv.replace_all_uses_with(unscaled, delete_user_cb=lambda u: u is not unscaled)
-            if tail is not unscaled:
-                bn.replace_input_with(unscaled, tail)
-            for node in (unscaled, tail, bn):
-                node.meta[FOLDED_INTO_KEY] = conv.name
-            _refresh_vals(conv, unscaled, tail, scaled_w)
+            conv.meta[SIMULATED_BN_KEY] = SimulatedBn(
+                gamma=gamma.name,
+                beta=beta.name,
+                mean=mean.name,
+                var=var.name,
+                scale=scale.name,
+                bias=bias.name if bias is not None else None,
+                momentum=float(bn.args[6]),
+                eps=float(bn.args[7]),
+                cudnn=bool(bn.args[8]) if len(bn.args) > 8 else False,
+                bn_meta=dict(bn.meta),
+            )
+            # Rebuild the tail in train form; the exported bn node is replaced by the new one.
+            new_bn = _build_train_tail(gm, conv, conv.meta[SIMULATED_BN_KEY], training=bool(bn.args[5]))
+            bn.replace_all_uses_with(new_bn)
+            graph.erase_node(bn)
         return PassResult(gm, bool(pairs))
 
 
-def _refresh_vals(*nodes: torch.fx.Node) -> None:
-    """New nodes have the shape and dtype of the conv output (or weight); copy its ``val``."""
-    conv, unscaled, tail, scaled_w = nodes
-    for n in (unscaled, tail):
-        n.meta["val"] = conv.meta.get("val")
-    scaled_w.meta["val"] = scaled_w.args[0].meta.get("val")
+def _make(graph: torch.fx.Graph, target, args, src: torch.fx.Node, tag: tuple[str, str] | None = None) -> torch.fx.Node:
+    node = graph.call_function(target, args)
+    copy_provenance(node, src, FuseConvBnQat.name)
+    if tag:
+        node.meta[tag[0]] = tag[1]
+    return node
+
+
+def _nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    return {n.name: n for n in gm.graph.nodes}
+
+
+def _build_train_tail(gm: torch.fx.GraphModule, conv: torch.fx.Node, info: SimulatedBn, training: bool) -> torch.fx.Node:
+    """``batch_norm(conv / s [+ b])`` after ``conv``; returns the batch_norm node."""
+    graph, nodes = gm.graph, _nodes(gm)
+    ndim = conv.meta["val"].dim() if "val" in conv.meta else 4
+    y_shape = [1, -1] + [1] * (ndim - 2)
+    tag = (FOLDED_INTO_KEY, conv.name)
+    old_users = [u for u in conv.users]
+    with graph.inserting_after(conv):
+        s_view = _make(graph, aten.reshape.default, (nodes[info.scale], y_shape), conv, tag)
+    with graph.inserting_after(s_view):
+        tail = _make(graph, aten.div.Tensor, (conv, s_view), conv, tag)
+    if info.bias is not None:
+        with graph.inserting_after(tail):
+            b_view = _make(graph, aten.reshape.default, (nodes[info.bias], y_shape), conv, tag)
+        with graph.inserting_after(b_view):
+            tail = _make(graph, aten.add.Tensor, (tail, b_view), conv, tag)
+    bn_args = (tail, nodes[info.gamma], nodes[info.beta], nodes[info.mean], nodes[info.var],
+               training, info.momentum, info.eps, info.cudnn)  # fmt: skip
+    with graph.inserting_after(tail):
+        bn = graph.call_function(aten.batch_norm.default, bn_args)
+    bn.meta.update(info.bn_meta)
+    bn.meta[FOLDED_INTO_KEY] = conv.name
+    for n in graph.nodes:
+        if n.meta.get(FOLDED_INTO_KEY) == conv.name and n.target in (aten.div.Tensor, aten.add.Tensor):
+            n.meta["val"] = conv.meta.get("val")
+    for user in old_users:
+        user.replace_input_with(conv, bn)
+    info.form = "train"
+    return bn
+
+
+def _to_eval_form(gm: torch.fx.GraphModule, conv: torch.fx.Node, info: SimulatedBn) -> None:
+    graph, nodes = gm.graph, _nodes(gm)
+    tail = [n for n in graph.nodes if n.meta.get(FOLDED_INTO_KEY) == conv.name]
+    bn = tail[-1]
+    info.bn_meta = {k: v for k, v in bn.meta.items() if k != FOLDED_INTO_KEY}
+    bn.replace_all_uses_with(conv)
+    for node in reversed(tail):
+        graph.erase_node(node)
+    tag = (EVAL_FORM_KEY, conv.name)
+    mean, scale = nodes[info.mean], nodes[info.scale]
+    with graph.inserting_before(conv):
+        if info.bias is not None:
+            centered = _make(graph, aten.sub.Tensor, (nodes[info.bias], mean), conv, tag)
+        else:
+            centered = _make(graph, aten.neg.default, (mean,), conv, tag)
+        folded = _make(graph, aten.mul.Tensor, (centered, scale), conv, tag)
+        folded_bias = _make(graph, aten.add.Tensor, (folded, nodes[info.beta]), conv, tag)
+    args = list(conv.args)
+    args[2] = folded_bias
+    conv.args = tuple(args)
+    info.form = "eval"
+
+
+def _to_train_form(gm: torch.fx.GraphModule, conv: torch.fx.Node, info: SimulatedBn, training: bool) -> None:
+    args = list(conv.args)
+    args[2] = None
+    conv.args = tuple(args)
+    for node in reversed([n for n in gm.graph.nodes if n.meta.get(EVAL_FORM_KEY) == conv.name]):
+        gm.graph.erase_node(node)
+    _build_train_tail(gm, conv, info, training)
+
+
+def set_simulated_bn_form(gm: torch.fx.GraphModule, training: bool, bn_training: bool) -> bool:
+    """Switch every simulated conv+BN to the train form (``training``) or the eval form.
+
+    ``bn_training`` is the BN's own flag in train form (False once statistics are frozen).
+    Returns True when the graph changed.
+    """
+    changed = False
+    for conv in list(gm.graph.nodes):
+        info = conv.meta.get(SIMULATED_BN_KEY)
+        if info is None:
+            continue
+        if training and info.form == "eval":
+            _to_train_form(gm, conv, info, bn_training)
+            changed = True
+        elif not training and info.form == "train":
+            _to_eval_form(gm, conv, info)
+            changed = True
+    return changed

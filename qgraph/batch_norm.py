@@ -22,7 +22,7 @@ FOLDED_INTO_KEY = "qgraph_folded_into"
 """``node.meta`` key: the name of the conv this node was folded into (QAT simulated folding)."""
 
 BN_FROZEN_KEY = "qgraph_bn_frozen"
-"""``node.meta`` key on a batch_norm node whose statistics ``freeze_bn_stats`` froze."""
+"""``GraphModule.meta`` key: ``freeze_bn_stats`` froze every batch norm's statistics."""
 
 
 @dataclass
@@ -59,9 +59,8 @@ def fold_conv_bn_weights(
     return (weight.detach() * s.reshape(shape)), ((b - p.mean) * s + p.beta).detach()
 
 
-def bn_counter_updates(gm: torch.fx.GraphModule, bn: torch.fx.Node) -> list[torch.fx.Node]:
-    """The ``num_batches_tracked += 1`` nodes that belong to ``bn`` (same module prefix)."""
-    gamma = bn.args[1]
+def bn_counter_updates(gm: torch.fx.GraphModule, gamma: object) -> list[torch.fx.Node]:
+    """The ``num_batches_tracked += 1`` nodes of the BN whose weight is ``gamma`` (same module)."""
     if not isinstance(gamma, torch.fx.Node) or gamma.op != "get_attr":
         return []
     prefix = str(gamma.target).rpartition(".")[0]

@@ -5,7 +5,9 @@
 ``.train()`` / ``.eval()``. These functions rewrite just those flags — every node keeps its
 own ``p``, ``momentum`` and ``eps`` — and switch the observer / fake-quant submodules, so
 that a prepared model behaves like an eager one. ``prepare_*`` also binds them to the
-model's ``.train()`` and ``.eval()`` so a plain PyTorch loop works unchanged.
+model's ``.train()`` and ``.eval()`` so a plain PyTorch loop works unchanged. QAT's
+simulated conv+BN switches between its train and eval form here (see
+:mod:`qgraph.passes.fuse_conv_bn_qat`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from qgraph.batch_norm import BN_FROZEN_KEY
 from qgraph.graph import BATCH_NORM_OPS, DROPOUT_OPS, is_op
 from qgraph.observers import QUANTIZER_TYPES
+from qgraph.passes.fuse_conv_bn_qat import set_simulated_bn_form
 
 _BN_TRAINING_ARG = 5
 _DROPOUT_TRAIN_ARG = 2
@@ -34,12 +37,13 @@ def _set_arg(node: torch.fx.Node, index: int, value: bool) -> bool:
 
 
 def _set_mode(m: torch.fx.GraphModule, training: bool) -> torch.fx.GraphModule:
-    changed = False
+    bn_training = training and not m.meta.get(BN_FROZEN_KEY, False)
+    changed = set_simulated_bn_form(m, training, bn_training)
     for node in m.graph.nodes:
         if is_op(node, DROPOUT_OPS):
             changed |= _set_arg(node, _DROPOUT_TRAIN_ARG, training)
         elif is_op(node, BATCH_NORM_OPS):
-            changed |= _set_arg(node, _BN_TRAINING_ARG, training and not node.meta.get(BN_FROZEN_KEY, False))
+            changed |= _set_arg(node, _BN_TRAINING_ARG, bn_training)
     if changed:
         m.recompile()
     nn.Module.train(m, training)
@@ -66,9 +70,9 @@ def freeze_observers(m: nn.Module) -> nn.Module:
 
 def freeze_bn_stats(m: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Batch norm uses and keeps its running statistics from now on, even in train mode."""
+    m.meta[BN_FROZEN_KEY] = True
     for node in m.graph.nodes:
         if is_op(node, BATCH_NORM_OPS):
-            node.meta[BN_FROZEN_KEY] = True
             _set_arg(node, _BN_TRAINING_ARG, False)
     m.recompile()
     return m
