@@ -44,7 +44,7 @@ class FoldBn(Pass):
             if not isinstance(value, torch.Tensor):
                 continue
             with gm.graph.inserting_before(node):
-                const = add_constant(gm, f"{node.name}_folded", value, like=node)
+                const = add_constant(gm, _folded_name(node), value, like=node)
             node.replace_all_uses_with(const)
             gm.graph.erase_node(node)
             folded += 1
@@ -62,3 +62,12 @@ class FoldBn(Pass):
             remove_dead_nodes(gm)
         return PassResult(gm, bool(folded or simulated))
 
+
+def _folded_name(node: torch.fx.Node) -> str:
+    """``features.0.weight`` → ``qgraph_features_0_weight_<op>``: name a folded constant after
+    the first parameter it came from, so dumps and state dicts stay readable."""
+    source = node
+    while source.op != "get_attr":
+        source = source.all_input_nodes[0]
+    op = getattr(node.target, "__name__", "folded").split(".")[0]
+    return f"{source.target}_{op}"

@@ -4,10 +4,12 @@ A *point* is a node's output (its name) or one edge ``(producer, consumer)``. Ev
 :class:`SharedSpec` is an edge between two points in a union-find; the connected components
 are the *groups*, each of which gets one observer or fake-quant module later.
 
-An input edge whose concrete spec equals the spec of its producer's output is merged into
-the producer's group: ``conv → relu → conv`` quantizes the relu output once, not once per
-consumer. Two different concrete specs in one group are an error (the rules contradict
-each other) that names the points.
+An input edge whose spec (its own, or its group's) equals the spec of its producer's
+output is merged into the producer's group: ``conv → relu → conv`` quantizes the relu
+output once, not once per consumer, and the inputs of a cat are quantized at their
+producers with the cat's qparams. Two different concrete specs in one group are an error (the rules contradict
+each other) that names the points; with the specs a rule table can express (one spec per
+point, a shared spec naming one other point) it cannot happen, so it marks a bug.
 
 The result is stored as a list of :class:`QuantGroup` in ``gm.meta['qgraph_groups']``.
 """
@@ -82,14 +84,31 @@ class ResolveSpecs(Pass):
                 uf.find(edge)
                 self._attach(uf, concrete, edge, spec)
 
-        # Merge an edge into its producer's output group when both want the same spec.
+        # Merge an edge into its producer's output group when both carry the same spec, so
+        # that e.g. every input of a cat is observed once, at its producer, with the cat's
+        # qparams, instead of being requantized on the edge.
         output_set = set(outputs)
         root_spec = {uf.find(p): spec for p, spec in concrete.items()}
         for edge in edges:
             producer = edge[0]
-            if producer in output_set and edge in concrete:
-                if root_spec.get(uf.find(producer)) == concrete[edge]:
-                    uf.union(producer, edge)
+            if producer not in output_set:
+                continue
+            edge_spec, producer_spec = root_spec.get(uf.find(edge)), root_spec.get(uf.find(producer))
+            if edge_spec is not None and edge_spec == producer_spec:
+                uf.union(producer, edge)
+                root_spec[uf.find(producer)] = producer_spec
+
+        # Edges that read one float producer with one spec quantize it once, not per consumer.
+        first_edge: dict[tuple[str, QuantSpec], tuple[str, str]] = {}
+        for edge in edges:
+            spec = root_spec.get(uf.find(edge))
+            if edge[0] in output_set or spec is None:
+                continue
+            key = (edge[0], spec)
+            if key in first_edge:
+                uf.union(first_edge[key], edge)
+            else:
+                first_edge[key] = edge
 
         groups: dict[Point, QuantGroup] = {}
         members: dict[Point, list[Point]] = {}

@@ -26,9 +26,12 @@ def as_args(example_inputs: Any) -> tuple:
 
 
 def batch_dynamic_shapes(args: Sequence[Any]) -> tuple:
-    """Mark dim 0 of every tensor argument as one shared dynamic ``batch`` dimension."""
-    batch = Dim("batch", min=1, max=1 << 16)
-    return tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+    """Mark dim 0 of every tensor argument dynamic (``Dim.AUTO``).
+
+    ``AUTO`` lets the exporter relate the batch dims of several inputs (or keep one static
+    when the model needs it, e.g. a weight passed as an input) instead of failing.
+    """
+    return tuple({0: Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
 
 
 def capture(model: nn.Module, example_inputs: Any, dynamic_shapes: Any = None) -> torch.fx.GraphModule:
