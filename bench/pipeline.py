@@ -30,6 +30,8 @@ For each model the script measures:
     in eval mode with the converted one the same way.
 
 A final ``"kind": "summary"`` line gives qgraph/torchao ratios of these numbers per model.
+Every line also records ``load_avg`` (the 1-minute system load when it was written): the
+timings are only meaningful when nothing else competes for the cores.
 
 The torchao model is captured with a dynamic batch dimension (like qgraph's capture) so
 that the model trained at batch 8 can be converted and served at batch 1; every training
@@ -109,6 +111,11 @@ def emit(record: dict[str, Any]) -> None:
 
 def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def load_average() -> float:
+    """1-minute system load: other processes on the same cores make every timing noisy."""
+    return round(os.getloadavg()[0], 2)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -263,6 +270,7 @@ def measure_fp32(name: str, model: nn.Module, data, workdir: Path, reps: Reps) -
         "onnx_export_s": onnx_export_s,
         "onnx_latency_ms": latency_ms(ort, x1, reps.latency),
         "onnx_max_abs_diff": float((ort(x1) - reference).abs().max()),
+        "load_avg": load_average(),
     }
 
 
@@ -311,6 +319,7 @@ def measure_flow(
         "onnx_export_s": onnx_export_s,
         "onnx_latency_ms": latency_ms(ort, x1, reps.latency),
         "onnx_diff_steps": diff_steps(ort(x1), reference, scale),
+        "load_avg": load_average(),
     }
 
 
@@ -365,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     reps = Reps(train=1, latency=1) if args.quick else Reps()
     flows = [qgraph_flow(), torchao_flow()]
 
+    if load_average() > 0.5:
+        log(f"load average is {load_average()} before starting: timings will be noisy")
     start = time.perf_counter()
     summary: dict[str, Any] = {}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 import torch
@@ -39,15 +40,17 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_shapes: Any = None) -
 
     The batch dimension (dim 0 of every tensor input) is dynamic unless ``dynamic_shapes``
     says otherwise, so a prepared model trains on a smaller last batch and serves batch 1.
-    The model is not modified. A model ``torch.export`` cannot trace raises
+    The model is not modified, and the GraphModule owns copies of its parameters, so
+    training it leaves the model as it was. A model ``torch.export`` cannot trace raises
     :class:`CaptureError` with the exporter's reason.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"model must be an nn.Module, got {type(model).__name__}")
     args = as_args(example_inputs)
     shapes = batch_dynamic_shapes(args) if dynamic_shapes is None else dynamic_shapes
+    private = copy.deepcopy(model)  # the exported module would alias the model's tensors
     try:
-        program = torch.export.export(model, args, dynamic_shapes=shapes)
+        program = torch.export.export(private, args, dynamic_shapes=shapes)
     except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(
