@@ -2,27 +2,25 @@
 
 Models: torchvision ``resnet18`` and ``mobilenet_v2`` (random init, ``num_classes=10``,
 224x224 inputs). Every flow starts from the same initial weights and trains on the same
-fixed batches. Torch runs with ``torch.set_num_threads(2)``; ExecuTorch's XNNPACK
+fixed batch. Torch runs with ``torch.set_num_threads(2)``; ExecuTorch's XNNPACK
 threadpool and ONNX Runtime use their defaults (one thread per core).
 
-For each model the script measures:
+For each model the script prints one line per flow:
 
-* fp32 baseline (one line, ``"flow": "fp32"``): one eager training step (median), the
-  size and batch-1 latency of an fp32 ``.pte`` (XNNPACK delegate) and the batch-1 latency
-  of an fp32 ONNX model in ONNX Runtime.
-* each quantized flow (one line each, ``"flow": "qgraph"`` / ``"torchao"``):
+* ``"flow": "fp32"``: one eager training step, and the size and batch-1 latency of an fp32
+  ``.pte`` (XNNPACK delegate) and of an fp32 ONNX model in ONNX Runtime;
+* ``"flow": "qgraph"`` and ``"flow": "torchao"``:
 
   - ``prepare_s``: wall time of preparing for QAT, *including* the ``torch.export``
     capture (qgraph's ``prepare_qat`` captures internally; for torchao the
     ``torch.export.export`` call is timed together with ``prepare_qat_pt2e``);
-  - ``train_step_ratio``: median time of one QAT training step divided by the median time
-    of one fp32 eager training step (batch 8, SGD, cross-entropy on random labels; one
-    warm-up step, then the median of 3 steps);
+  - ``train_step_ratio``: time of one QAT training step divided by the time of one fp32
+    eager training step (batch 8, SGD, cross-entropy on random labels);
   - ``convert_s``: wall time of ``qgraph.convert`` / ``convert_pt2e`` (after the prepared
     model is moved to eval mode, which is not timed);
-  - ``pte_*``: size and batch-1 latency (median of 10 runs after 2 warm-ups) of the int8
-    ``.pte`` and its delegation (fraction of ops inside XNNPACK, ops left outside);
-  - ``onnx_*``: batch-1 latency of the QDQ ONNX model in ONNX Runtime (same protocol);
+  - ``pte_*``: size and batch-1 latency of the int8 ``.pte``, and its delegation (fraction
+    of ops inside XNNPACK, ops left outside);
+  - ``onnx_*``: batch-1 latency of the QDQ ONNX model in ONNX Runtime;
   - ``*_diff_steps``: max abs difference between a runtime's output and the converted
     GraphModule run in PyTorch on the same batch-1 input, divided by the output
     quantization scale (the scale of the graph's last dequantize node), i.e. in
@@ -30,19 +28,24 @@ For each model the script measures:
     in eval mode with the converted one the same way.
 
 A final ``"kind": "summary"`` line gives qgraph/torchao ratios of these numbers per model.
-Every line also records ``load_avg`` (the 1-minute system load when it was written): the
-timings are only meaningful when nothing else competes for the cores.
 
-The torchao model is captured with a dynamic batch dimension (like qgraph's capture) so
-that the model trained at batch 8 can be converted and served at batch 1; every training
-step still uses batch 8.
+Timing protocol: training steps take 1 warm-up step, then the median of 3; runtime
+latencies take 2 warm-up runs, then the median of 10. The timings that are compared
+(fp32 / qgraph / torchao training steps; the six runtimes' latencies) are interleaved
+round-robin, so a change in machine load hits all flows alike. Every line records
+``load_avg`` (the 1-minute system load when it was written): absolute numbers only mean
+something when nothing else competes for the cores.
+
+The torchao model is captured with a dynamic batch dimension (as qgraph's capture does)
+so that the model trained at batch 8 can be converted and served at batch 1; every
+training step still uses batch 8.
 
 Output: JSON lines on stdout, one object per line; progress and library noise go to
 stderr. Usage::
 
     python bench/pipeline.py [--models resnet18,mobilenet_v2] [--quick] > bench.jsonl
 
-``--quick`` takes one measurement per quantity instead of 3 (training) / 10 (latency).
+``--quick`` times each quantity once (after the warm-ups), for smoke tests.
 """
 
 from __future__ import annotations
@@ -89,20 +92,19 @@ class Reps:
 
 # ----------------------------------------------------------------------------- output
 
+JSON_OUT = sys.stdout
 
-def _json_stream():
-    """A stream on the real stdout; fd 1 itself is pointed at stderr.
 
-    Exporters and runtimes print progress (some from C++), so everything except the JSON
-    lines goes to stderr.
+def redirect_noise_to_stderr():
+    """A stream on the real stdout for the JSON lines; fd 1 itself then points at stderr.
+
+    Exporters and runtimes print progress (some from C++), so everything else goes to
+    stderr.
     """
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     sys.stdout.flush()
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     return out
-
-
-JSON_OUT = None
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -128,18 +130,20 @@ def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def median_seconds(fn: Callable[[], Any], warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    return statistics.median(timed(fn)[1] for _ in range(reps))
+def interleaved_medians(fns: dict[str, Callable[[], Any]], warmup: int, reps: int) -> dict[str, float]:
+    """Median wall time (s) of each ``fns[name]()``, timed round-robin after warm-ups."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            samples[name].append(timed(fn)[1])
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def latency_ms(run: Callable[[torch.Tensor], Any], x: torch.Tensor, reps: int) -> float:
-    return 1000.0 * median_seconds(lambda: run(x), LATENCY_WARMUP, reps)
-
-
-def train_step_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reps: int) -> float:
-    """Median wall time of one SGD step (forward, cross-entropy, backward, update)."""
+def sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One training step of ``model``: forward, cross-entropy, backward, SGD update."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -148,7 +152,7 @@ def train_step_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reps:
         loss_fn(model(x), y).backward()
         optimizer.step()
 
-    return median_seconds(step, TRAIN_WARMUP, reps)
+    return step
 
 
 # ----------------------------------------------------------------------------- models & data
@@ -183,8 +187,8 @@ def output_scale(converted: torch.fx.GraphModule) -> float:
     return float(scale)
 
 
-def diff_steps(out: torch.Tensor, reference: torch.Tensor, scale: float) -> float:
-    return float((out.float() - reference.float()).abs().max()) / scale
+def max_abs_diff(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((out.float() - reference.float()).abs().max())
 
 
 # ----------------------------------------------------------------------------- flows
@@ -240,88 +244,127 @@ def torchao_flow() -> Flow:
     )
 
 
-# ----------------------------------------------------------------------------- measurements
+def fp32_flow() -> Flow:
+    """The float model itself: no prepare/convert; exported like torchao's model."""
+    return Flow(
+        name="fp32",
+        prepare=lambda model, x: model,
+        to_train=lambda m: m.train(),
+        to_eval=lambda m: m.eval(),
+        convert=lambda m: m,
+        export_pte=lambda m, x, path: write_pte(torch.export.export(m, (x,)), path),
+        export_onnx=lambda m, x, path: write_onnx(m, (x,), None, path),
+    )
 
 
-def measure_fp32(name: str, model: nn.Module, data, workdir: Path, reps: Reps) -> dict[str, Any]:
-    x, y, x1 = data
-    log(f"{name}/fp32: eager training step")
-    train_s = train_step_seconds(copy.deepcopy(model).train(), x, y, reps.train)
-    model = copy.deepcopy(model).eval()
+# ----------------------------------------------------------------------------- one model
+
+
+@dataclass
+class Run:
+    """One flow on one model: its models, runtimes and the record it will print."""
+
+    flow: Flow
+    record: dict[str, Any]
+    prepared: nn.Module | None = None
+    converted: nn.Module | None = None
+    pte: Callable[[torch.Tensor], torch.Tensor] | None = None
+    onnx: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.flow.name != "fp32"
+
+
+def prepare(run: Run, model: nn.Module, x: torch.Tensor) -> None:
+    log(f"{run.record['model']}/{run.flow.name}: prepare")
+    run.prepared, seconds = timed(run.flow.prepare, copy.deepcopy(model), x)
+    if run.quantized:
+        run.record["prepare_s"] = seconds
+    run.flow.to_train(run.prepared)
+
+
+def time_training(runs: list[Run], x: torch.Tensor, y: torch.Tensor, reps: Reps) -> None:
+    log(f"{runs[0].record['model']}: training steps ({', '.join(r.flow.name for r in runs)})")
+    steps = {r.flow.name: sgd_step(r.prepared, x, y) for r in runs}
+    seconds = interleaved_medians(steps, TRAIN_WARMUP, reps.train)
+    for r in runs:
+        r.record["train_step_s"] = seconds[r.flow.name]
+        if r.quantized:
+            r.record["train_step_ratio"] = seconds[r.flow.name] / seconds["fp32"]
+
+
+def convert(run: Run) -> None:
+    log(f"{run.record['model']}/{run.flow.name}: convert")
+    run.flow.to_eval(run.prepared)
+    run.converted, seconds = timed(run.flow.convert, run.prepared)
+    if run.quantized:
+        run.record["convert_s"] = seconds
+
+
+def export(run: Run, x1: torch.Tensor, workdir: Path) -> None:
+    name = run.flow.name
+    log(f"{run.record['model']}/{name}: .pte")
+    report, run.record["pte_export_s"] = timed(run.flow.export_pte, run.converted, x1, workdir / f"{name}.pte")
+    run.record["pte_size_bytes"] = report.size_bytes
+    run.record["pte_delegated_fraction"] = report.delegated_fraction
+    run.record["pte_not_delegated"] = dict(report.not_delegated)
+    run.pte = qgraph.load_pte(report.path)
+    log(f"{run.record['model']}/{name}: .onnx")
+    path, run.record["onnx_export_s"] = timed(run.flow.export_onnx, run.converted, x1, workdir / f"{name}.onnx")
+    run.onnx = qgraph.load_onnx(path)
+
+
+def time_latency(runs: list[Run], x1: torch.Tensor, reps: Reps) -> None:
+    log(f"{runs[0].record['model']}: batch-1 latency of {2 * len(runs)} runtimes")
+    fns = {}
+    for r in runs:
+        fns[(r.flow.name, "pte")] = lambda r=r: r.pte(x1)
+        fns[(r.flow.name, "onnx")] = lambda r=r: r.onnx(x1)
+    seconds = interleaved_medians(fns, LATENCY_WARMUP, reps.latency)
+    for r in runs:
+        r.record["pte_latency_ms"] = 1000.0 * seconds[(r.flow.name, "pte")]
+        r.record["onnx_latency_ms"] = 1000.0 * seconds[(r.flow.name, "onnx")]
+
+
+def check_outputs(run: Run, x1: torch.Tensor) -> None:
+    """Runtime outputs against the converted GraphModule; in output steps when quantized."""
     with torch.no_grad():
-        reference = model(x1)
-
-    log(f"{name}/fp32: .pte")
-    report, pte_export_s = timed(write_pte, torch.export.export(model, (x1,)), workdir / "fp32.pte")
-    pte = qgraph.load_pte(report.path)
-    log(f"{name}/fp32: .onnx")
-    onnx_path, onnx_export_s = timed(write_onnx, model, (x1,), None, workdir / "fp32.onnx")
-    ort = qgraph.load_onnx(onnx_path)
-    return {
-        "kind": "fp32",
-        "model": name,
-        "flow": "fp32",
-        "train_step_s": train_s,
-        "pte_export_s": pte_export_s,
-        "pte_size_bytes": report.size_bytes,
-        "pte_latency_ms": latency_ms(pte, x1, reps.latency),
-        "pte_delegated_fraction": report.delegated_fraction,
-        "pte_max_abs_diff": float((pte(x1) - reference).abs().max()),
-        "onnx_export_s": onnx_export_s,
-        "onnx_latency_ms": latency_ms(ort, x1, reps.latency),
-        "onnx_max_abs_diff": float((ort(x1) - reference).abs().max()),
-        "load_avg": load_average(),
-    }
+        reference = run.converted(x1)
+        outputs = {"pte": run.pte(x1), "onnx": run.onnx(x1)}
+        if run.quantized:
+            outputs["fakequant"] = run.prepared(x1)
+    if not run.quantized:
+        for key, out in outputs.items():
+            run.record[f"{key}_max_abs_diff"] = max_abs_diff(out, reference)
+        return
+    scale = output_scale(run.converted)
+    run.record["output_scale"] = scale
+    for key, out in outputs.items():
+        run.record[f"{key}_diff_steps"] = max_abs_diff(out, reference) / scale
 
 
-def measure_flow(
-    flow: Flow, name: str, model: nn.Module, data, fp32_train_s: float, workdir: Path, reps: Reps
-) -> dict[str, Any]:
-    x, y, x1 = data
-    tag = f"{name}/{flow.name}"
+def benchmark_model(name: str, flows: list[Flow], reps: Reps) -> dict[str, dict[str, Any]]:
+    """Run every flow on ``name``, print one line per flow, return the records by flow."""
+    model = build_model(name)
+    x, y, x1 = make_inputs()
+    runs = [Run(f, {"kind": "fp32" if f.name == "fp32" else "quantized", "model": name, "flow": f.name}) for f in flows]
+    with tempfile.TemporaryDirectory(prefix=f"qgraph-bench-{name}-") as tmp:
+        for run in runs:
+            prepare(run, model, x)
+        time_training(runs, x, y, reps)
+        for run in runs:
+            convert(run)
+            export(run, x1, Path(tmp))
+        time_latency(runs, x1, reps)
+        for run in runs:
+            check_outputs(run, x1)
+            run.record["load_avg"] = load_average()
+            emit(run.record)
+    return {run.flow.name: run.record for run in runs}
 
-    log(f"{tag}: prepare_qat")
-    prepared, prepare_s = timed(flow.prepare, copy.deepcopy(model), x)
-    log(f"{tag}: QAT training steps")
-    flow.to_train(prepared)
-    qat_train_s = train_step_seconds(prepared, x, y, reps.train)
 
-    flow.to_eval(prepared)
-    log(f"{tag}: convert")
-    converted, convert_s = timed(flow.convert, prepared)
-    scale = output_scale(converted)
-    with torch.no_grad():
-        reference = converted(x1)
-        fakequant = prepared(x1)
-
-    log(f"{tag}: .pte")
-    report, pte_export_s = timed(flow.export_pte, converted, x1, workdir / f"{flow.name}.pte")
-    pte = qgraph.load_pte(report.path)
-    log(f"{tag}: .onnx")
-    onnx_path, onnx_export_s = timed(flow.export_onnx, converted, x1, workdir / f"{flow.name}.onnx")
-    ort = qgraph.load_onnx(onnx_path)
-    return {
-        "kind": "quantized",
-        "model": name,
-        "flow": flow.name,
-        "prepare_s": prepare_s,
-        "convert_s": convert_s,
-        "qat_train_step_s": qat_train_s,
-        "train_step_ratio": qat_train_s / fp32_train_s,
-        "output_scale": scale,
-        "fakequant_diff_steps": diff_steps(fakequant, reference, scale),
-        "pte_export_s": pte_export_s,
-        "pte_size_bytes": report.size_bytes,
-        "pte_latency_ms": latency_ms(pte, x1, reps.latency),
-        "pte_diff_steps": diff_steps(pte(x1), reference, scale),
-        "pte_delegated_fraction": report.delegated_fraction,
-        "pte_not_delegated": dict(report.not_delegated),
-        "onnx_export_s": onnx_export_s,
-        "onnx_latency_ms": latency_ms(ort, x1, reps.latency),
-        "onnx_diff_steps": diff_steps(ort(x1), reference, scale),
-        "load_avg": load_average(),
-    }
-
+# ----------------------------------------------------------------------------- summary & main
 
 RATIO_FIELDS = (
     "prepare_s",
@@ -340,47 +383,29 @@ def ratios(ours: dict[str, Any], oracle: dict[str, Any]) -> dict[str, float | No
     return {k: (ours[k] / oracle[k] if oracle[k] else None) for k in RATIO_FIELDS}
 
 
-# ----------------------------------------------------------------------------- main
-
-
-def benchmark_model(name: str, flows: list[Flow], reps: Reps) -> dict[str, dict[str, Any]]:
-    model = build_model(name)
-    data = make_inputs()
-    results = {}
-    with tempfile.TemporaryDirectory(prefix=f"qgraph-bench-{name}-") as tmp:
-        workdir = Path(tmp)
-        fp32 = measure_fp32(name, model, data, workdir, reps)
-        emit(fp32)
-        for flow in flows:
-            record = measure_flow(flow, name, model, data, fp32["train_step_s"], workdir, reps)
-            emit(record)
-            results[flow.name] = record
-    return results
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,mobilenet_v2", help="comma-separated torchvision model names")
-    parser.add_argument("--quick", action="store_true", help="one repetition per measurement (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="time each quantity once (smoke test)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     global JSON_OUT
     args = parse_args(argv)
-    JSON_OUT = _json_stream()
+    JSON_OUT = redirect_noise_to_stderr()
     warnings.simplefilter("ignore")
     torch.set_num_threads(NUM_THREADS)
     reps = Reps(train=1, latency=1) if args.quick else Reps()
-    flows = [qgraph_flow(), torchao_flow()]
-
+    flows = [fp32_flow(), qgraph_flow(), torchao_flow()]
     if load_average() > 0.5:
         log(f"load average is {load_average()} before starting: timings will be noisy")
+
     start = time.perf_counter()
     summary: dict[str, Any] = {}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        results = benchmark_model(name, flows, reps)
-        summary[name] = ratios(results["qgraph"], results["torchao"])
+        records = benchmark_model(name, flows, reps)
+        summary[name] = ratios(records["qgraph"], records["torchao"])
     emit(
         {
             "kind": "summary",
@@ -389,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
             "quick": args.quick,
             "threads": NUM_THREADS,
             "total_s": time.perf_counter() - start,
+            "load_avg": load_average(),
         }
     )
 

@@ -7,12 +7,14 @@ One line per node::
 After the annotate pass the line carries the output spec and, per input, the spec of that
 edge; after insert_quantizers the observer / fake-quant modules show their spec and range.
 The diff is a unified diff against the previous dump; ``index.txt`` lists the passes with
-their ``modified`` flag, time and node count.
+their ``modified`` flag, time and node count. ``NNN_<pass>.json`` holds the same graph as
+data (nodes with kind, specs, module and stack trace; edges) for the HTML report.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -79,6 +81,61 @@ def format_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
     return line
 
 
+def node_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    """``input``, ``constant``, ``output``, ``quantizer`` (observer / fake-quant),
+    ``quantize``, ``dequantize`` or ``op`` — what a viewer colours a node by."""
+    if node.op == "placeholder":
+        return "input"
+    if node.op == "get_attr":
+        return "constant"
+    if node.op == "output":
+        return "output"
+    if node.op == "call_module":
+        from qgraph.observers import QUANTIZER_TYPES
+
+        return "quantizer" if isinstance(gm.get_submodule(str(node.target)), QUANTIZER_TYPES) else "module"
+    name = str(node.target)
+    if "quantized_decomposed.quantize" in name:
+        return "quantize"
+    if "quantized_decomposed.dequantize" in name:
+        return "dequantize"
+    return "op"
+
+
+def graph_record(gm: torch.fx.GraphModule) -> dict:
+    """The graph as plain data for viewers: nodes with spec, provenance and kind; edges."""
+    nodes, edges = [], []
+    for node in gm.graph.nodes:
+        ann = node.meta.get(ANNOTATION_KEY)
+        record = {
+            "name": node.name,
+            "op": node.op,
+            "target": str(node.target),
+            "kind": node_kind(gm, node),
+            "value": _fmt_val(node),
+            "line": format_node(gm, node),
+            "module": module_path(node),
+            "module_type": _module_type(node),
+            "stack_trace": (node.meta.get("stack_trace") or "").strip(),
+            "rule": ann.rule if ann is not None else None,
+            "output_spec": _fmt_spec(ann.output) if ann is not None and ann.output is not None else None,
+            "input_specs": {k: _fmt_spec(v) for k, v in ann.inputs.items()} if ann is not None else {},
+        }
+        if node.op == "call_module":
+            record["quantizer"] = repr(gm.get_submodule(str(node.target))).replace("\n", " ")
+        nodes.append(record)
+        edges.extend([src.name, node.name] for src in node.all_input_nodes)
+    return {"nodes": nodes, "edges": edges}
+
+
+def _module_type(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    cls = list(stack.values())[-1][1]
+    return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+
+
 def format_graph(gm: torch.fx.GraphModule) -> str:
     """The whole graph, one :func:`format_node` line per node."""
     return "\n".join(format_node(gm, n) for n in gm.graph.nodes) + "\n"
@@ -97,6 +154,8 @@ class GraphDumper:
         text = format_graph(gm)
         stem = f"{index:03d}_{name}"
         atomic_write_text(self.directory / f"{stem}.txt", text)
+        record = {"index": index, "pass": name, "modified": modified, **graph_record(gm)}
+        atomic_write_text(self.directory / f"{stem}.json", json.dumps(record))
         if self._previous is not None:
             diff = difflib.unified_diff(
                 self._previous.splitlines(keepends=True),

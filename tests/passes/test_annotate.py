@@ -85,6 +85,14 @@ def test_debug_node_logs_every_refusing_rule(caplog):
     assert "rule linear_relu refused" in text and "rule linear refused: weight is a graph input" in text
 
 
+def test_annotation_only_writes_meta_outputs_unchanged(conv_bn_net, image_batch):
+    gm = qgraph.eval_mode(qgraph.capture(conv_bn_net, (image_batch,)))
+    before_code, expected = gm.code, gm(image_batch)
+    gm = Annotate(XNNPACK, is_qat=False)(gm).graph_module
+    gm.recompile()
+    assert gm.code == before_code and torch.equal(gm(image_batch), expected)
+
+
 def test_nothing_matches_in_a_graph_without_quantizable_ops():
     gm = qgraph.capture(nn.Softmax(dim=1), (torch.randn(2, 3),))
     assert not Annotate(XNNPACK, is_qat=False)(gm).modified

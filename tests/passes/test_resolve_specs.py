@@ -47,6 +47,17 @@ def test_cat_inputs_and_output_are_one_group(image_batch):
     assert len(weight_groups) == 3
 
 
+def test_resolving_changes_no_node_and_no_output(conv_bn_net, image_batch):
+    gm = qgraph.eval_mode(qgraph.capture(conv_bn_net, (image_batch,)))
+    gm = FoldConvBn()(gm).graph_module
+    gm = Annotate(XNNPACK, is_qat=False)(gm).graph_module
+    gm.recompile()
+    code, expected = gm.code, gm(image_batch)
+    gm = ResolveSpecs()(gm).graph_module
+    gm.recompile()
+    assert gm.code == code and torch.equal(gm(image_batch), expected)
+
+
 def test_consumer_edges_join_the_producer_output_group(conv_bn_net, image_batch):
     groups = _resolved(conv_bn_net, image_batch).graph_module.meta[GROUPS_KEY]
     relu_group = next(g for g in groups if "relu" in g.outputs)
