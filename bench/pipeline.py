@@ -32,9 +32,10 @@ A final ``"kind": "summary"`` line gives qgraph/torchao ratios of these numbers 
 Timing protocol: training steps take 1 warm-up step, then the median of 3; runtime
 latencies take 2 warm-up runs, then the median of 10. The timings that are compared
 (fp32 / qgraph / torchao training steps; the six runtimes' latencies) are interleaved
-round-robin, so a change in machine load hits all flows alike. Every line records
-``load_avg`` (the 1-minute system load when it was written): absolute numbers only mean
-something when nothing else competes for the cores.
+round-robin, so a change in machine load hits all flows alike. Each line records how many
+cores other processes kept busy meanwhile (``other_cores_train``,
+``other_cores_latency``; from ``/proc/stat``): absolute numbers only mean something when
+these are near 0.
 
 The torchao model is captured with a dynamic batch dimension (as qgraph's capture does)
 so that the model trained at batch 8 can be converted and served at batch 1; every
@@ -115,9 +116,40 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def load_average() -> float:
-    """1-minute system load: other processes on the same cores make every timing noisy."""
-    return round(os.getloadavg()[0], 2)
+def _system_busy_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux ``/proc/stat``)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_busy_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class OtherLoad:
+    """Context manager: how many cores *other* processes kept busy, on average, inside it.
+
+    Timings are only comparable when this is near 0; ``None`` where it cannot be read.
+    """
+
+    def __enter__(self) -> "OtherLoad":
+        self.cores: float | None = None
+        self._start = (time.perf_counter(), _system_busy_seconds(), _own_busy_seconds())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        wall0, system0, own0 = self._start
+        system1 = _system_busy_seconds()
+        if system0 is None or system1 is None:
+            return
+        others = (system1 - system0) - (_own_busy_seconds() - own0)
+        self.cores = round(max(others, 0.0) / (time.perf_counter() - wall0), 2)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -352,14 +384,17 @@ def benchmark_model(name: str, flows: list[Flow], reps: Reps) -> dict[str, dict[
     with tempfile.TemporaryDirectory(prefix=f"qgraph-bench-{name}-") as tmp:
         for run in runs:
             prepare(run, model, x)
-        time_training(runs, x, y, reps)
+        with OtherLoad() as train_load:
+            time_training(runs, x, y, reps)
         for run in runs:
             convert(run)
             export(run, x1, Path(tmp))
-        time_latency(runs, x1, reps)
+        with OtherLoad() as latency_load:
+            time_latency(runs, x1, reps)
         for run in runs:
             check_outputs(run, x1)
-            run.record["load_avg"] = load_average()
+            run.record["other_cores_train"] = train_load.cores
+            run.record["other_cores_latency"] = latency_load.cores
             emit(run.record)
     return {run.flow.name: run.record for run in runs}
 
@@ -398,14 +433,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(NUM_THREADS)
     reps = Reps(train=1, latency=1) if args.quick else Reps()
     flows = [fp32_flow(), qgraph_flow(), torchao_flow()]
-    if load_average() > 0.5:
-        log(f"load average is {load_average()} before starting: timings will be noisy")
-
     start = time.perf_counter()
     summary: dict[str, Any] = {}
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        records = benchmark_model(name, flows, reps)
-        summary[name] = ratios(records["qgraph"], records["torchao"])
+    with OtherLoad() as load:
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            records = benchmark_model(name, flows, reps)
+            summary[name] = ratios(records["qgraph"], records["torchao"])
+    if load.cores is not None and load.cores > 0.2:
+        log(f"other processes kept {load.cores} cores busy on average: timings are noisy")
     emit(
         {
             "kind": "summary",
@@ -414,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
             "quick": args.quick,
             "threads": NUM_THREADS,
             "total_s": time.perf_counter() - start,
-            "load_avg": load_average(),
+            "other_cores": load.cores,
         }
     )
 

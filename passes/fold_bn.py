@@ -43,6 +43,8 @@ class FoldBn(Pass):
                 value = node.target(*args, **kwargs)
             if not isinstance(value, torch.Tensor):
                 continue
+            if value._base is not None:  # a view (reshape of a parameter): own its storage
+                value = value.clone()
             with gm.graph.inserting_before(node):
                 const = add_constant(gm, _folded_name(node), value, like=node)
             node.replace_all_uses_with(const)

@@ -48,6 +48,8 @@ def add_constant(
 ) -> torch.fx.Node:
     """Register ``value`` as a buffer of ``gm`` under a fresh name and return its get_attr node.
 
+    The tensor is stored as given (no copy): pass a tensor nothing else holds.
+
     The node is inserted at the current insertion point. ``like`` gives the provenance.
     """
     base = name_hint.replace(".", "_")
@@ -57,7 +59,7 @@ def add_constant(
     while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
-    gm.register_buffer(name, value.detach().clone())
+    gm.register_buffer(name, value.detach())
     node = gm.graph.get_attr(name)
     node.meta["val"] = value.detach()
     if like is not None:

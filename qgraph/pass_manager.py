@@ -3,7 +3,7 @@
 A pass is a small class with a ``name`` (the dump file name), a ``requires`` tuple of the
 passes that must run before it, and ``call(gm) -> PassResult``. ``modified`` is True only
 when the graph changed. The :class:`PassManager` checks ``requires`` when it is built,
-lints and recompiles the graph after every pass, and writes the dumps (see
+lints the graph after every pass (and recompiles it once at the end), and writes the dumps (see
 :mod:`qgraph.dump`) when a dump directory is given or ``QGRAPH_DUMP`` is set. Passes print
 nothing; all debugging output belongs here.
 """
@@ -92,7 +92,6 @@ class PassManager:
                 result = p(gm)
                 gm = result.graph_module
                 gm.graph.lint()
-                gm.recompile()
             except QGraphError:
                 raise
             except Exception as exc:
@@ -102,6 +101,7 @@ class PassManager:
             self.history.append(record)
             if dumper:
                 dumper.write(i, p.name, gm, modified=result.modified)
+        gm.recompile()  # once: generating Python code is the costly part of a pass on big graphs
         if dumper:
             dumper.write_index(self.history)
         return gm

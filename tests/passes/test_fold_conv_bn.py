@@ -53,3 +53,15 @@ def test_conv_with_two_users_keeps_its_bn(image_batch):
     gm = qgraph.eval_mode(qgraph.capture(TwoUsers().eval(), (image_batch,)))
     result = FoldConvBn()(gm)
     assert not result.modified and count_ops(gm)[aten.batch_norm.default] == 1
+
+
+def test_conv1d_bn_folds_too():
+    from tests.conftest import randomize_bn
+
+    model = randomize_bn(torch.nn.Sequential(torch.nn.Conv1d(4, 6, 3), torch.nn.BatchNorm1d(6), torch.nn.ReLU())).eval()
+    x = torch.randn(3, 4, 10)
+    gm = qgraph.eval_mode(qgraph.capture(model, (x,)))
+    result = FoldConvBn()(gm)
+    result.graph_module.recompile()
+    assert result.modified and count_ops(result.graph_module)[aten.batch_norm.default] == 0
+    torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-5, atol=1e-5)

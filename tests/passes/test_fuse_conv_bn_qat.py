@@ -62,3 +62,15 @@ def test_eval_form_is_conv_with_folded_bias_and_round_trips(conv_bn_net, image_b
 def test_nothing_to_fuse_is_not_modified(image_batch):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
     assert not _fused(model, image_batch).modified
+
+
+def test_conv1d_bn_in_both_forms():
+    from tests.conftest import randomize_bn
+
+    model = randomize_bn(torch.nn.Sequential(torch.nn.Conv1d(4, 6, 3), torch.nn.BatchNorm1d(6))).train()
+    x = torch.randn(3, 4, 10)
+    gm = _fused(model, x).graph_module
+    eager = copy.deepcopy(model)
+    torch.testing.assert_close(gm(x), eager(x), rtol=1e-4, atol=1e-5)  # train form, batch statistics
+    qgraph.eval_mode(gm)
+    torch.testing.assert_close(gm(x), eager.eval()(x), rtol=1e-4, atol=1e-5)  # eval form, folded bias
