@@ -19,34 +19,27 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qgraph.graph import CONV_OPS, DROPOUT_OPS, HARDTANH_OPS, LINEAR_OPS, RELU_OPS
-from qgraph.rules import Backend, OpRule, QuantScheme, has_float_output
+from qgraph.backends.common import (
+    ACTIVATION_OPS,
+    ADD_OPS,
+    AVERAGING_OPS,
+    BINARY,
+    CAT_OPS,
+    CONV_OPS,
+    DROPOUT_OPS,
+    HARDSWISH_OPS,
+    LINEAR_OPS,
+    MAX_POOL_OPS,
+    MUL_OPS,
+    PASS,
+    SHAPE_OPS,
+    WEIGHTED,
+    constant_weight,
+    float_input,
+    float_tensor_operands,
+)
+from qgraph.rules import Backend, OpRule, QuantScheme
 from qgraph.specs import PerChannel, QuantSpec
-
-aten = torch.ops.aten
-
-ADD_OPS = frozenset({aten.add.Tensor, aten.add_.Tensor})
-MUL_OPS = frozenset({aten.mul.Tensor, aten.mul_.Tensor})
-CAT_OPS = frozenset({aten.cat.default, aten.concat.default})
-ACTIVATION_OPS = RELU_OPS | HARDTANH_OPS
-HARDSWISH_OPS = frozenset({aten.hardswish.default, aten.hardswish_.default})
-MAX_POOL_OPS = frozenset({aten.max_pool2d.default, aten.max_pool1d.default})
-AVERAGING_OPS = frozenset(
-    {aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.avg_pool1d.default, aten.mean.dim, aten.mean.default}
-)
-SHAPE_OPS = frozenset(
-    {
-        aten.flatten.using_ints,
-        aten.reshape.default,
-        aten.view.default,
-        aten.permute.default,
-        aten.transpose.int,
-        aten.squeeze.dim,
-        aten.squeeze.dims,
-        aten.unsqueeze.default,
-    }
-)
-
 
 def xnnpack_scheme(is_qat: bool = False, weight_bits: int = 8, act_bits: int = 8) -> QuantScheme:
     """The XNNPACK int8 scheme; QAT tracks activations with a moving average (c = 0.01).
@@ -73,51 +66,22 @@ def xnnpack_scheme(is_qat: bool = False, weight_bits: int = 8, act_bits: int = 8
     return QuantScheme(activation=act, weight=weight, bias=None)
 
 
-def _float_tensor_operands(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
-    """Binary ops are quantized only between two float tensors (not ``x + 1``, not int counters)."""
-    a, b = nodes[0].args[:2]
-    if not (has_float_output(a) and has_float_output(b)):
-        return "an operand is a scalar or not a float tensor"
-    return None
-
-
-def _constant_weight(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
-    """Conv and linear need a float input and a weight that is a parameter (or BN-scaled one)."""
-    anchor = nodes[0]
-    if not has_float_output(anchor.args[0]):
-        return "input is not a float tensor"
-    weight = anchor.args[1]
-    if not isinstance(weight, torch.fx.Node) or not has_float_output(weight):
-        return "weight is not a float tensor"
-    if weight.op == "placeholder":
-        return "weight is a graph input, not a parameter (use dynamic quantization)"
-    return None
-
-
-def _float_input(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
-    return None if has_float_output(nodes[0].args[0]) else "input is not a float tensor"
-
-
-_WEIGHTED = {0: "act", 1: "weight", 2: "bias"}
-_BINARY = {0: "act", 1: "act"}
-_PASS = {0: "follow"}
-
 RULES: tuple[OpRule, ...] = (
-    OpRule("conv_relu", (CONV_OPS, ACTIVATION_OPS), _WEIGHTED, "act", _constant_weight),
-    OpRule("conv", (CONV_OPS,), _WEIGHTED, "act", _constant_weight),
-    OpRule("linear_relu", (LINEAR_OPS, ACTIVATION_OPS), _WEIGHTED, "act", _constant_weight),
-    OpRule("linear", (LINEAR_OPS,), _WEIGHTED, "act", _constant_weight),
-    OpRule("add_relu", (ADD_OPS, ACTIVATION_OPS), _BINARY, "act", _float_tensor_operands),
-    OpRule("add", (ADD_OPS,), _BINARY, "act", _float_tensor_operands),
-    OpRule("mul_relu", (MUL_OPS, ACTIVATION_OPS), _BINARY, "act", _float_tensor_operands),
-    OpRule("mul", (MUL_OPS,), _BINARY, "act", _float_tensor_operands),
+    OpRule("conv_relu", (CONV_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
+    OpRule("conv", (CONV_OPS,), WEIGHTED, "act", constant_weight),
+    OpRule("linear_relu", (LINEAR_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
+    OpRule("linear", (LINEAR_OPS,), WEIGHTED, "act", constant_weight),
+    OpRule("add_relu", (ADD_OPS, ACTIVATION_OPS), BINARY, "act", float_tensor_operands),
+    OpRule("add", (ADD_OPS,), BINARY, "act", float_tensor_operands),
+    OpRule("mul_relu", (MUL_OPS, ACTIVATION_OPS), BINARY, "act", float_tensor_operands),
+    OpRule("mul", (MUL_OPS,), BINARY, "act", float_tensor_operands),
     OpRule("cat", (CAT_OPS,), {0: "list_shared"}, "shared"),
-    OpRule("hardswish", (HARDSWISH_OPS,), {0: "act"}, "act", _float_input),
-    OpRule("averaging", (AVERAGING_OPS,), {0: "follow_or_act"}, "shared", _float_input),
-    OpRule("max_pool", (MAX_POOL_OPS,), _PASS, "shared"),
-    OpRule("activation", (ACTIVATION_OPS,), _PASS, "shared"),
-    OpRule("shape", (SHAPE_OPS,), _PASS, "shared"),
-    OpRule("dropout", (DROPOUT_OPS,), _PASS, "shared"),
+    OpRule("hardswish", (HARDSWISH_OPS,), {0: "act"}, "act", float_input),
+    OpRule("averaging", (AVERAGING_OPS,), {0: "follow_or_act"}, "shared", float_input),
+    OpRule("max_pool", (MAX_POOL_OPS,), PASS, "shared"),
+    OpRule("activation", (ACTIVATION_OPS,), PASS, "shared"),
+    OpRule("shape", (SHAPE_OPS,), PASS, "shared"),
+    OpRule("dropout", (DROPOUT_OPS,), PASS, "shared"),
 )
 
 XNNPACK = Backend(name="xnnpack", rules=RULES, default_scheme=xnnpack_scheme)

@@ -27,7 +27,7 @@ from qgraph.errors import UnsupportedOperatorError, describe_node
 from qgraph.graph import CONV_OPS, LINEAR_OPS, is_op, single_user
 from qgraph.pass_manager import Pass, PassResult
 from qgraph.rules import Backend, OpRule, QuantScheme, has_float_output
-from qgraph.specs import ANNOTATION_KEY, AnySpec, QuantAnnotation, SharedSpec
+from qgraph.specs import ANNOTATION_KEY, AnySpec, DerivedSpec, Int32Bias, QuantAnnotation, SharedSpec
 
 log = logging.getLogger("qgraph.annotate")
 
@@ -128,7 +128,9 @@ class Annotate(Pass):
             elif role == "weight":
                 specs[arg.name] = scheme.weight
             elif role == "bias":
-                if scheme.bias is not None:
+                if isinstance(scheme.bias, Int32Bias):
+                    specs[arg.name] = _derived_bias(rule, anchor, scheme.bias)
+                elif scheme.bias is not None:
                     specs[arg.name] = scheme.bias
             elif role in ("follow", "follow_or_act"):
                 shared = _follow(arg)
@@ -168,3 +170,11 @@ def _first_tensor_input(node: torch.fx.Node) -> torch.fx.Node | None:
     if isinstance(arg, (list, tuple)):
         arg = next((a for a in arg if isinstance(a, torch.fx.Node)), None)
     return arg if isinstance(arg, torch.fx.Node) else None
+
+
+def _derived_bias(rule: OpRule, anchor: torch.fx.Node, bias: Int32Bias) -> DerivedSpec:
+    """The bias spec ``scale = scale(input edge) × scale(weight edge)`` of this anchor."""
+    act = next(i for i, r in rule.inputs.items() if r == "act")
+    weight = next(i for i, r in rule.inputs.items() if r == "weight")
+    points = tuple((anchor.args[i].name, anchor.name) for i in (act, weight))
+    return DerivedSpec(points=points, dtype=bias.dtype)

@@ -21,7 +21,7 @@ import torch.fx
 
 from qgraph.errors import CalibrationError, describe_node
 from qgraph.graph import add_constant, copy_provenance
-from qgraph.observers import QUANTIZER_TYPES
+from qgraph.observers import QUANTIZER_TYPES, DerivedQuantizer
 from qgraph.pass_manager import Pass, PassResult
 from qgraph.qdq_ops import qd
 
@@ -63,13 +63,11 @@ class FreezeQparams(Pass):
         return PassResult(gm, changed)
 
     def _replace(self, gm: torch.fx.GraphModule, node: torch.fx.Node, mod) -> None:
-        spec = mod.spec
-        scale, zero_point = mod.qparams()
+        scale, zero_point, qmin, qmax, dtype, axis = _frozen_qparams(mod)
         graph = gm.graph
-        tail = (spec.quant_min, spec.quant_max, spec.dtype)
+        tail = (qmin, qmax, dtype)
         with graph.inserting_before(node):
-            if spec.is_per_channel:
-                axis = spec.granularity.axis
+            if axis is not None:
                 s = add_constant(gm, f"scale_{node.target}", scale.to(torch.float32), like=node)
                 z = add_constant(gm, f"zero_point_{node.target}", zero_point.to(torch.int64), like=node)
                 qparams = (s, z, axis, *tail)
@@ -81,7 +79,7 @@ class FreezeQparams(Pass):
             copy_provenance(q, node, self.name)
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
-                q.meta["val"] = val.to(spec.dtype)
+                q.meta["val"] = val.to(dtype)
         for user in list(node.users):
             with graph.inserting_before(user):
                 dq = graph.call_function(dequantize, (q, *qparams))
@@ -89,3 +87,14 @@ class FreezeQparams(Pass):
             dq.meta["val"] = val
             user.replace_input_with(node, dq)
         graph.erase_node(node)
+
+
+def _frozen_qparams(mod) -> tuple[torch.Tensor, torch.Tensor, int, int, torch.dtype, int | None]:
+    """``(scale, zero_point, quant_min, quant_max, dtype, axis or None)`` of a quantizer."""
+    scale, zero_point = mod.qparams()
+    if isinstance(mod, DerivedQuantizer):
+        axis = 0 if scale.numel() > 1 else None
+        return scale, zero_point, mod.quant_min, mod.quant_max, mod.spec.dtype, axis
+    spec = mod.spec
+    axis = spec.granularity.axis if spec.is_per_channel else None
+    return scale, zero_point, spec.quant_min, spec.quant_max, spec.dtype, axis

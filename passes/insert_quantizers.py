@@ -9,7 +9,9 @@ the group:
 * an *edge* ``(p, c)``: ``q = module(p)`` right before ``c``, and only ``c`` reads ``q``.
 
 Edges are rewired before outputs, so an edge whose producer also has a quantized output
-reads the quantized output (a requantization), never the raw float value.
+reads the quantized output (a requantization), never the raw float value. Derived edges
+(int32 biases) get a :class:`~qgraph.observers.DerivedQuantizer` that reads the qparams
+of the groups it derives from.
 
 Because the modules are called like any other submodule, the prepared GraphModule stays a
 plain ``nn.Module`` that trains with any optimizer; the straight-through estimator lives in
@@ -22,9 +24,9 @@ import torch
 import torch.fx
 
 from qgraph.graph import copy_provenance
-from qgraph.observers import FakeQuantize, Observer
+from qgraph.observers import DerivedQuantizer, FakeQuantize, Observer
 from qgraph.pass_manager import Pass, PassResult
-from qgraph.passes.resolve_specs import GROUPS_KEY, ResolveSpecs
+from qgraph.passes.resolve_specs import DERIVED_KEY, GROUPS_KEY, ResolveSpecs
 
 QUANTIZER_KEY = "qgraph_quantizer"
 """``node.meta`` key on inserted call_module nodes: the point they quantize."""
@@ -44,9 +46,11 @@ class InsertQuantizers(Pass):
         nodes = {n.name: n for n in gm.graph.nodes}
         kind, prefix = (FakeQuantize, "fq") if self.is_qat else (Observer, "obs")
         inserted = 0
+        module_of: dict = {}
         for group in groups:
             module_name = _free_name(gm, f"{prefix}_{group.name}")
             gm.add_submodule(module_name, kind(group.spec, point=group.name))
+            module_of.update({p: gm.get_submodule(module_name) for p in group.members})
             for producer, consumer in group.edges:
                 p, c = nodes[producer], nodes[consumer]
                 with gm.graph.inserting_before(c):
@@ -59,6 +63,15 @@ class InsertQuantizers(Pass):
                     q = self._call(gm, module_name, n, name)
                 n.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
                 inserted += 1
+        for (producer, consumer), spec in gm.meta.get(DERIVED_KEY, []):
+            module_name = _free_name(gm, f"{prefix}_{producer}__{consumer}")
+            sources = [module_of[p] for p in spec.points]
+            gm.add_submodule(module_name, DerivedQuantizer(spec, sources, self.is_qat, point=f"{producer}->{consumer}"))
+            p, c = nodes[producer], nodes[consumer]
+            with gm.graph.inserting_before(c):
+                q = self._call(gm, module_name, p, (producer, consumer), like=c)
+            c.replace_input_with(p, q)
+            inserted += 1
         return PassResult(gm, inserted > 0)
 
     def _call(self, gm, module_name: str, source: torch.fx.Node, point, like: torch.fx.Node | None = None) -> torch.fx.Node:

@@ -11,7 +11,9 @@ producers with the cat's qparams. Two different concrete specs in one group are 
 each other) that names the points; with the specs a rule table can express (one spec per
 point, a shared spec naming one other point) it cannot happen, so it marks a bug.
 
-The result is stored as a list of :class:`QuantGroup` in ``gm.meta['qgraph_groups']``.
+The result is stored as a list of :class:`QuantGroup` in ``gm.meta['qgraph_groups']``;
+edges with a :class:`DerivedSpec` (int32 biases) go to ``gm.meta['qgraph_derived']``, each
+naming the points whose qparams it is computed from.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import torch.fx
 from qgraph.errors import ConfigError
 from qgraph.pass_manager import Pass, PassResult
 from qgraph.passes.annotate import Annotate
-from qgraph.specs import ANNOTATION_KEY, Point, QuantSpec, SharedSpec
+from qgraph.specs import ANNOTATION_KEY, DerivedSpec, Point, QuantSpec, SharedSpec
 
 GROUPS_KEY = "qgraph_groups"
+DERIVED_KEY = "qgraph_derived"
+"""``gm.meta`` key: list of ``(edge, DerivedSpec)`` whose qparams come from other groups."""
 
 
 @dataclass
@@ -35,6 +39,8 @@ class QuantGroup:
     spec: QuantSpec
     outputs: list[str] = field(default_factory=list)
     edges: list[tuple[str, str]] = field(default_factory=list)
+    members: list[Point] = field(default_factory=list)
+    """Every point of the group, also the edges that need no quantizer of their own."""
 
     @property
     def name(self) -> str:
@@ -68,6 +74,7 @@ class ResolveSpecs(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         uf = _UnionFind()
         concrete: dict[Point, QuantSpec] = {}
+        derived: list[tuple[tuple[str, str], DerivedSpec]] = []
         edges: list[tuple[str, str]] = []
         outputs: list[str] = []
         for node in gm.graph.nodes:
@@ -80,6 +87,9 @@ class ResolveSpecs(Pass):
                 self._attach(uf, concrete, node.name, ann.output)
             for producer, spec in ann.inputs.items():
                 edge = (producer, node.name)
+                if isinstance(spec, DerivedSpec):
+                    derived.append((edge, spec))
+                    continue
                 edges.append(edge)
                 uf.find(edge)
                 self._attach(uf, concrete, edge, spec)
@@ -123,7 +133,7 @@ class ResolveSpecs(Pass):
                     f"points {points} must share qparams but were given different specs "
                     f"{[s.short() for s in specs]}; make the backend rules agree"
                 )
-            group = QuantGroup(spec=specs.pop())
+            group = QuantGroup(spec=specs.pop(), members=list(points))
             for p in points:
                 if isinstance(p, str):
                     group.outputs.append(p)
@@ -134,9 +144,15 @@ class ResolveSpecs(Pass):
         for group in groups.values():
             group.edges = [e for e in group.edges if e[0] not in group.outputs]
         result = list(groups.values())
-        previous = gm.meta.get(GROUPS_KEY)
+        members = {p for g in result for p in g.members}
+        for edge, spec in derived:
+            missing = [p for p in spec.points if p not in members]
+            if missing:
+                raise ConfigError(f"the derived spec of {edge} needs qparams of {missing}, which are not quantized")
+        previous = (gm.meta.get(GROUPS_KEY), gm.meta.get(DERIVED_KEY))
         gm.meta[GROUPS_KEY] = result
-        return PassResult(gm, modified=previous != result)
+        gm.meta[DERIVED_KEY] = derived
+        return PassResult(gm, modified=previous != (result, derived))
 
     @staticmethod
     def _attach(uf: _UnionFind, concrete: dict, point: Point, spec) -> None:

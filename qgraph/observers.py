@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qgraph.qparams import fake_quantize, qparams_from_range
-from qgraph.specs import QuantSpec
+from qgraph.specs import DerivedSpec, QuantSpec
 
 
 def _reduce_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,4 +109,55 @@ class FakeQuantize(_RangeTracker):
         return fake_quantize(x, scale, zero_point, self.spec)
 
 
-QUANTIZER_TYPES = (Observer, FakeQuantize)
+
+
+class DerivedQuantizer(nn.Module):
+    """Quantizer of a derived point (an int32 bias): ``scale = prod(source scales)``, zp 0.
+
+    It holds its source quantizers by reference — not as submodules, so the module tree and
+    ``state_dict`` list each quantizer once — and fake-quantizes in QAT (so training sees the
+    int32 rounding of the bias, negligible but exact) or passes values through in PTQ.
+    """
+
+    def __init__(self, spec: DerivedSpec, sources: list[nn.Module], fake_quant: bool, point: str = "") -> None:
+        super().__init__()
+        self.spec = spec
+        self.point = point
+        self.fake_quant = fake_quant
+        object.__setattr__(self, "_sources", tuple(sources))
+
+    def freeze(self) -> None:
+        """Nothing to freeze: the qparams follow the sources, which freeze themselves."""
+
+    @property
+    def quant_min(self) -> int:
+        return torch.iinfo(self.spec.dtype).min
+
+    @property
+    def quant_max(self) -> int:
+        return torch.iinfo(self.spec.dtype).max
+
+    @property
+    def has_range(self) -> bool:
+        return all(s.has_range for s in self._sources)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = torch.ones(1)
+        for source in self._sources:
+            scale = scale * source.qparams()[0]
+        return scale, torch.zeros(scale.shape, dtype=torch.int32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant or not self.has_range:
+            return x
+        scale, zero_point = self.qparams()
+        scale = scale.expand(x.shape[0]) if scale.numel() == 1 else scale
+        return torch.fake_quantize_per_channel_affine(
+            x, scale, zero_point.expand_as(scale), 0, self.quant_min, self.quant_max
+        )
+
+    def extra_repr(self) -> str:
+        return f"{str(self.spec.dtype).replace('torch.', '')} bias, scale = product of {len(self._sources)} scales"
+
+
+QUANTIZER_TYPES = (Observer, FakeQuantize, DerivedQuantizer)

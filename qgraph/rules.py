@@ -7,7 +7,8 @@ ops fused after it (relu) — and says, per input of the anchor, which role that
 =================  ==============================================================
 ``"act"``          a fresh activation spec on this edge
 ``"weight"``       the scheme's weight spec (per-channel along ``axis``)
-``"bias"``         the scheme's bias spec, or float when the scheme has none
+``"bias"``         the scheme's bias spec (int32 derived from input and weight scales
+                   for :class:`~qgraph.specs.Int32Bias`), or float when it has none
 ``"follow"``       share the producer's output qparams; refuse if it is float
 ``"follow_or_act"`` share the producer's output qparams, else a fresh activation spec
 ``"list_shared"``  a list argument (cat): all inputs share one set of qparams
@@ -30,7 +31,7 @@ import torch
 import torch.fx
 
 from qgraph.errors import ConfigError
-from qgraph.specs import QuantSpec
+from qgraph.specs import Int32Bias, QuantSpec
 
 InputRole = Literal["act", "weight", "bias", "follow", "follow_or_act", "list_shared"]
 OutputRole = Optional[Literal["act", "shared"]]
@@ -43,7 +44,7 @@ class QuantScheme:
 
     activation: QuantSpec
     weight: QuantSpec
-    bias: QuantSpec | None = None
+    bias: QuantSpec | Int32Bias | None = None
 
     def __post_init__(self) -> None:
         if self.activation.is_per_channel:

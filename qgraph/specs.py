@@ -162,6 +162,19 @@ class DerivedSpec:
 
 
 @dataclass(frozen=True)
+class Int32Bias:
+    """In a :class:`~qgraph.rules.QuantScheme`: quantize a bias to int32 with
+    ``scale = input scale × weight scale`` (per output channel), zero point 0.
+
+    The annotate pass turns it into a :class:`DerivedSpec` naming the op's input and weight
+    edges. Integer kernels (ONNX Runtime's QLinearConv, x86 oneDNN) add such a bias straight
+    into their int32 accumulator.
+    """
+
+    dtype: torch.dtype = torch.int32
+
+
+@dataclass(frozen=True)
 class FixedSpec:
     """Qparams known without observing: outputs of sigmoid, softmax, tanh."""
 

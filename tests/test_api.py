@@ -86,7 +86,7 @@ def test_freeze_observers_and_bn_stats(conv_bn_net, image_batch):
 
 
 def test_wrong_backend_names_the_argument(conv_bn_net, image_batch):
-    with pytest.raises(ConfigError, match=r"backend='xnnpak' is not known; choose one of \['xnnpack'\]"):
+    with pytest.raises(ConfigError, match=r"backend='xnnpak' is not known; choose one of \['x86', 'xnnpack'\]"):
         qgraph.prepare_qat(conv_bn_net, (image_batch,), backend="xnnpak")
 
 

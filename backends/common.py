@@ -1,0 +1,70 @@
+"""Op sets, checks and edge roles that several backends' rule tables share.
+
+Each backend file lists its own rules (one entry per pattern); what is here is the
+vocabulary those entries are written in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from qgraph.graph import CONV_OPS, DROPOUT_OPS, HARDTANH_OPS, LINEAR_OPS, RELU_OPS  # noqa: F401  (re-exported)
+from qgraph.rules import has_float_output
+
+aten = torch.ops.aten
+
+ADD_OPS = frozenset({aten.add.Tensor, aten.add_.Tensor})
+MUL_OPS = frozenset({aten.mul.Tensor, aten.mul_.Tensor})
+CAT_OPS = frozenset({aten.cat.default, aten.concat.default})
+ACTIVATION_OPS = RELU_OPS | HARDTANH_OPS
+HARDSWISH_OPS = frozenset({aten.hardswish.default, aten.hardswish_.default})
+MAX_POOL_OPS = frozenset({aten.max_pool2d.default, aten.max_pool1d.default})
+AVERAGING_OPS = frozenset(
+    {aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.avg_pool1d.default, aten.mean.dim, aten.mean.default}
+)
+SHAPE_OPS = frozenset(
+    {
+        aten.flatten.using_ints,
+        aten.reshape.default,
+        aten.view.default,
+        aten.permute.default,
+        aten.transpose.int,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.unsqueeze.default,
+    }
+)
+MATMUL_OPS = frozenset({aten.matmul.default, aten.bmm.default})
+
+
+def float_tensor_operands(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
+    """Binary ops are quantized only between two float tensors (not ``x + 1``, not int counters)."""
+    a, b = nodes[0].args[:2]
+    if not (has_float_output(a) and has_float_output(b)):
+        return "an operand is a scalar or not a float tensor"
+    return None
+
+
+def constant_weight(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
+    """Conv and linear need a float input and a weight that is a parameter (or BN-scaled one)."""
+    anchor = nodes[0]
+    if not has_float_output(anchor.args[0]):
+        return "input is not a float tensor"
+    weight = anchor.args[1]
+    if not isinstance(weight, torch.fx.Node) or not has_float_output(weight):
+        return "weight is not a float tensor"
+    if weight.op == "placeholder":
+        return "weight is a graph input, not a parameter (use dynamic quantization)"
+    return None
+
+
+def float_input(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
+    """Unary ops are quantized only on float tensors."""
+    return None if has_float_output(nodes[0].args[0]) else "input is not a float tensor"
+
+
+WEIGHTED = {0: "act", 1: "weight", 2: "bias"}
+BINARY = {0: "act", 1: "act"}
+PASS = {0: "follow"}
+"""Edge roles of weighted ops (conv, linear), binary ops and pass-through ops."""
