@@ -33,7 +33,13 @@ class PteReport:
 
 
 def lower(program: torch.export.ExportedProgram):
-    """``EdgeProgramManager`` with the XNNPACK partitioner applied."""
+    """``EdgeProgramManager`` with the XNNPACK partitioner applied.
+
+    Quantize / dequantize ops the delegate does not take (uint8 activations, int32 biases of
+    the x86 scheme) run on ExecuTorch's quantized kernels, whose out-variants
+    ``executorch.kernels.quantized`` registers.
+    """
+    import executorch.kernels.quantized  # noqa: F401
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 

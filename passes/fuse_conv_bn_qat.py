@@ -7,12 +7,16 @@ updating its running ones while training. The graph therefore has two forms per 
 
 *train form* (Jacob et al. 2018; torchao's ``_fuse_conv_bn_qat``)::
 
-    y   = conv(x, fq(w * s), None) / s  [+ b]     # ≈ conv(x, w) + b: undo the scale
+    y   = conv(x, fq(w * s), b * s) / s          # = conv(x, w) + b: undo the scale
     out = batch_norm(y, gamma, beta, mean, var, training=True, ...)
 
 *eval form*, exactly what ``convert`` will store::
 
     out = conv(x, fq(w * s), (b - mean) * s + beta)
+
+(``b = 0`` when the conv has no bias.) The conv has a bias input in both forms, so a
+backend that quantizes biases (int32, scale = input scale × weight scale) puts its quantizer
+on that edge once; switching forms only swaps what feeds it.
 
 ``FuseConvBnQat`` builds the train form and records a :class:`SimulatedBn` in the conv's
 ``meta``; :func:`set_simulated_bn_form` (called by ``train_mode`` / ``eval_mode``) switches
@@ -50,6 +54,7 @@ class SimulatedBn:
     var: str
     scale: str
     bias: str | None
+    train_bias: str
     momentum: float
     eps: float
     cudnn: bool
@@ -75,9 +80,14 @@ class FuseConvBnQat(Pass):
                 scale = _make(graph, aten.div.Tensor, (gamma, std), bn)
                 w_scale = _make(graph, aten.reshape.default, (scale, [-1] + [1] * (ndim - 1)), bn)
                 scaled_w = _make(graph, aten.mul.Tensor, (weight, w_scale), conv)
+                if bias is not None:
+                    scaled_b = _make(graph, aten.mul.Tensor, (bias, scale), conv)
+                else:
+                    scaled_b = _make(graph, aten.zeros_like.default, (scale,), conv)
             scaled_w.meta["val"] = weight.meta.get("val")
+            scaled_b.meta["val"] = mean.meta.get("val")
             args = list(conv.args) + [None] * (3 - len(conv.args))
-            args[1], args[2] = scaled_w, None
+            args[1], args[2] = scaled_w, scaled_b
             conv.args = tuple(args)
             conv.meta[SIMULATED_BN_KEY] = SimulatedBn(
                 gamma=gamma.name,
@@ -86,6 +96,7 @@ class FuseConvBnQat(Pass):
                 var=var.name,
                 scale=scale.name,
                 bias=bias.name if bias is not None else None,
+                train_bias=scaled_b.name,
                 momentum=float(bn.args[6]),
                 eps=float(bn.args[7]),
                 cudnn=bool(bn.args[8]) if len(bn.args) > 8 else False,
@@ -111,7 +122,7 @@ def _nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
 
 
 def _build_train_tail(gm: torch.fx.GraphModule, conv: torch.fx.Node, info: SimulatedBn, training: bool) -> torch.fx.Node:
-    """``batch_norm(conv / s [+ b])`` after ``conv``; returns the batch_norm node."""
+    """``batch_norm(conv / s)`` after ``conv``; returns the batch_norm node."""
     graph, nodes = gm.graph, _nodes(gm)
     ndim = conv.meta["val"].dim() if "val" in conv.meta else 4
     y_shape = [1, -1] + [1] * (ndim - 2)
@@ -121,11 +132,6 @@ def _build_train_tail(gm: torch.fx.GraphModule, conv: torch.fx.Node, info: Simul
         s_view = _make(graph, aten.reshape.default, (nodes[info.scale], y_shape), conv, tag)
     with graph.inserting_after(s_view):
         tail = _make(graph, aten.div.Tensor, (conv, s_view), conv, tag)
-    if info.bias is not None:
-        with graph.inserting_after(tail):
-            b_view = _make(graph, aten.reshape.default, (nodes[info.bias], y_shape), conv, tag)
-        with graph.inserting_after(b_view):
-            tail = _make(graph, aten.add.Tensor, (tail, b_view), conv, tag)
     bn_args = (tail, nodes[info.gamma], nodes[info.beta], nodes[info.mean], nodes[info.var],
                training, info.momentum, info.eps, info.cudnn)  # fmt: skip
     with graph.inserting_after(tail):
@@ -133,7 +139,7 @@ def _build_train_tail(gm: torch.fx.GraphModule, conv: torch.fx.Node, info: Simul
     bn.meta.update(info.bn_meta)
     bn.meta[FOLDED_INTO_KEY] = conv.name
     for n in graph.nodes:
-        if n.meta.get(FOLDED_INTO_KEY) == conv.name and n.target in (aten.div.Tensor, aten.add.Tensor):
+        if n.meta.get(FOLDED_INTO_KEY) == conv.name and n.target == aten.div.Tensor:
             n.meta["val"] = conv.meta.get("val")
     for user in old_users:
         user.replace_input_with(conv, bn)
@@ -151,26 +157,34 @@ def _to_eval_form(gm: torch.fx.GraphModule, conv: torch.fx.Node, info: Simulated
         graph.erase_node(node)
     tag = (EVAL_FORM_KEY, conv.name)
     mean, scale = nodes[info.mean], nodes[info.scale]
-    with graph.inserting_before(conv):
+    holder = conv.args[2]
+    with graph.inserting_before(holder if holder.op == "call_module" else conv):
         if info.bias is not None:
             centered = _make(graph, aten.sub.Tensor, (nodes[info.bias], mean), conv, tag)
         else:
             centered = _make(graph, aten.neg.default, (mean,), conv, tag)
         folded = _make(graph, aten.mul.Tensor, (centered, scale), conv, tag)
         folded_bias = _make(graph, aten.add.Tensor, (folded, nodes[info.beta]), conv, tag)
-    args = list(conv.args)
-    args[2] = folded_bias
-    conv.args = tuple(args)
+    _set_bias_source(conv, folded_bias)
     info.form = "eval"
 
 
 def _to_train_form(gm: torch.fx.GraphModule, conv: torch.fx.Node, info: SimulatedBn, training: bool) -> None:
-    args = list(conv.args)
-    args[2] = None
-    conv.args = tuple(args)
+    _set_bias_source(conv, _nodes(gm)[info.train_bias])
     for node in reversed([n for n in gm.graph.nodes if n.meta.get(EVAL_FORM_KEY) == conv.name]):
         gm.graph.erase_node(node)
     _build_train_tail(gm, conv, info, training)
+
+
+def _set_bias_source(conv: torch.fx.Node, source: torch.fx.Node) -> None:
+    """Feed ``source`` to the conv's bias — through the bias quantizer when there is one."""
+    holder = conv.args[2]
+    if isinstance(holder, torch.fx.Node) and holder.op == "call_module":
+        holder.args = (source, *holder.args[1:])
+    else:
+        args = list(conv.args)
+        args[2] = source
+        conv.args = tuple(args)
 
 
 def set_simulated_bn_form(gm: torch.fx.GraphModule, training: bool, bn_training: bool) -> bool:

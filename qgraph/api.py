@@ -33,6 +33,7 @@ from qgraph.passes.remove_dropout import RemoveDropout
 from qgraph.passes.resolve_specs import ResolveSpecs
 
 PREPARED_KEY = "qgraph_prepared"
+CONVERTED_KEY = "qgraph_converted"
 
 
 def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -142,7 +143,6 @@ def convert(prepared: torch.fx.GraphModule, dump_dir: str | os.PathLike | None =
     gm = eval_mode(_copy_graph_module(prepared))
     passes = [FoldBn(), RemoveDropout(), FreezeQparams(), QuantizeWeights()]
     gm = PassManager(passes, dump_dir=dump_dir, stage="convert")(gm)
-    gm.meta.pop(PREPARED_KEY, None)
-    gm.meta["qgraph_converted"] = True
+    gm.meta[CONVERTED_KEY] = {"backend": gm.meta.pop(PREPARED_KEY)["backend"]}
     bind_mode_methods(gm)
     return eval_mode(gm)

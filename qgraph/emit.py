@@ -29,6 +29,13 @@ def export_pte(quantized: torch.nn.Module, example_inputs: Any, path: str | os.P
     program has the static shapes of ``example_inputs``.
     """
     _check_converted(quantized)
+    backend = getattr(quantized, "meta", {}).get("qgraph_converted", {}).get("backend", "xnnpack")
+    if backend != "xnnpack":
+        raise ConfigError(
+            f"export_pte: this model was quantized for backend '{backend}', whose uint8 / int32-bias "
+            "kernels ExecuTorch's XNNPACK delegate does not run yet; prepare it with backend='xnnpack' "
+            "for a .pte, or use export_onnx for this one"
+        )
     args = as_args(example_inputs)
     program = torch.export.export(quantized, args)
     return executorch_emitter.write_pte(program, path)

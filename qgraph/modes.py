@@ -45,6 +45,7 @@ def _set_mode(m: torch.fx.GraphModule, training: bool) -> torch.fx.GraphModule:
         elif is_op(node, BATCH_NORM_OPS):
             changed |= _set_arg(node, _BN_TRAINING_ARG, bn_training)
     if changed:
+        m.graph.lint()
         m.recompile()
     nn.Module.train(m, training)
     return m

@@ -180,11 +180,14 @@ class _Runner:
         return float(self.eval_fn(convert(prepared)))
 
 
-def _runner(model, example_inputs, backend, calibration, eval_fn, mode) -> _Runner:
+def _runner(model, example_inputs, backend, calibration, eval_fn, mode, fallback) -> _Runner:
+    """Check the arguments (before the slow capture), then capture the model once."""
     if mode != "ptq":
         raise ConfigError(f"mode={mode!r}: only 'ptq' is supported (QAT would need a training loop per configuration)")
     if not callable(eval_fn):
         raise ConfigError("eval_fn must be a callable that takes a converted model and returns a metric")
+    _as_scheme(fallback)
+    get_backend(backend)
     graph = model if isinstance(model, torch.fx.GraphModule) else capture(model, example_inputs)
     batches = [example_inputs] if calibration is None else list(calibration)
     return _Runner(graph, example_inputs, backend, batches, eval_fn)
@@ -240,9 +243,8 @@ def sensitivity(
     prepare / calibrate / convert runs in all. ``fallback`` is what a layer is kept at in
     the ``metric_kept`` column: ``"float"`` or another scheme. The model is not changed.
     """
-    run = _runner(model, example_inputs, backend, calibration, eval_fn, mode)
+    run = _runner(model, example_inputs, backend, calibration, eval_fn, mode, fallback)
     rules = get_backend(backend)
-    _as_scheme(fallback)
     return _measure(run, rules, scheme or rules.default_scheme(False), fallback)
 
 
@@ -326,9 +328,8 @@ def auto_mixed_precision(
     """
     if not tolerable_loss >= 0:
         raise ConfigError(f"tolerable_loss={tolerable_loss} must be a non-negative fraction of the fp32 metric")
-    run = _runner(model, example_inputs, backend, calibration, eval_fn, "ptq")
+    run = _runner(model, example_inputs, backend, calibration, eval_fn, "ptq", fallback)
     rules = get_backend(backend)
-    _as_scheme(fallback)
     scheme = scheme or rules.default_scheme(False)
     if report is None:
         report = _measure(run, rules, scheme, fallback)

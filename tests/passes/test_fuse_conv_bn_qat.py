@@ -30,10 +30,10 @@ def test_structure_of_train_form(conv_bn_net, image_batch):
     assert ops[aten.batch_norm.default] == 2 and ops[aten.conv2d.default] == 2
     for conv in [n for n in gm.graph.nodes if n.target == aten.conv2d.default]:
         assert conv.args[1].target == aten.mul.Tensor  # weight is w * s
-        assert conv.args[2] is None  # bias moved after the division
+        assert conv.args[2].target == aten.mul.Tensor  # bias is b * s
         assert SIMULATED_BN_KEY in conv.meta
     tails = [n for n in gm.graph.nodes if FOLDED_INTO_KEY in n.meta]
-    assert {n.target for n in tails} == {aten.div.Tensor, aten.add.Tensor, aten.reshape.default, aten.batch_norm.default}
+    assert {n.target for n in tails} == {aten.div.Tensor, aten.reshape.default, aten.batch_norm.default}
 
 
 def test_train_form_matches_eager_training_and_updates_running_stats(conv_bn_net, image_batch):

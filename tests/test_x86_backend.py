@@ -1,0 +1,90 @@
+"""The x86 backend: uint8 activations, 7-bit weights, int32 biases; ONNX Runtime fuses it."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+import qgraph
+from qgraph import ConfigError
+from qgraph.demo import output_scale
+from qgraph.graph import CONV_OPS, is_op
+from qgraph.models.vision import build_torchvision
+from qgraph.observers import DerivedQuantizer
+from qgraph.qdq_ops import qd
+from qgraph.specs import ANNOTATION_KEY, DerivedSpec
+from tests.conftest import count_modules
+
+
+def test_specs_of_a_conv(conv_bn_net, image_batch):
+    p = qgraph.prepare_ptq(conv_bn_net, (image_batch,), backend="x86")
+    conv = next(n for n in p.graph.nodes if is_op(n, CONV_OPS))
+    ann = conv.meta[ANNOTATION_KEY]
+    x_spec, w_spec, b_spec = (ann.inputs[n] for n in ann.inputs)  # input, weight, bias in arg order
+    assert (x_spec.dtype, x_spec.quant_min, x_spec.quant_max) == (torch.uint8, 0, 255)
+    assert (w_spec.quant_min, w_spec.quant_max, w_spec.symmetric) == (-63, 63, True)
+    assert isinstance(b_spec, DerivedSpec) and b_spec.dtype == torch.int32
+    assert count_modules(p, DerivedQuantizer) == 3  # conv1, conv2 and fc biases
+
+
+def test_qat_fake_quant_equals_converted_with_int32_bias(conv_bn_net, image_batch):
+    p = qgraph.prepare_qat(copy.deepcopy(conv_bn_net).train(), (image_batch,), backend="x86")
+    opt = torch.optim.SGD(p.parameters(), lr=0.01)
+    for _ in range(2):
+        loss = p(image_batch).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p.eval()
+    q = qgraph.convert(p)
+    biases = [n for n in q.graph.nodes if n.target == qd.dequantize_per_channel.default and n.args[-1] == torch.int32]
+    assert len(biases) == 3 and all(q.get_buffer(n.args[0].target).dtype == torch.int32 for n in biases)
+    # Same qparams and the same int32 rounding of the bias in both forms.
+    assert torch.equal(p(image_batch), q(image_batch))
+
+
+@pytest.fixture(scope="module")
+def resnet18_x86(tmp_path_factory):
+    model = build_torchvision("resnet18").eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 224, 224, generator=g)
+    p = qgraph.prepare_ptq(model, (x,), backend="x86")
+    qgraph.calibrate(p, [torch.randn(2, 3, 224, 224, generator=g) for _ in range(2)], progress=False)
+    q = qgraph.convert(p)
+    path = qgraph.export_onnx(q, (x,), tmp_path_factory.mktemp("x86") / "resnet18_x86.onnx")
+    return q, path, x
+
+
+def test_onnx_runtime_fuses_every_conv_into_integer_kernels(resnet18_x86, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    q, path, x = resnet18_x86
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    convs = sum(1 for n in q.graph.nodes if is_op(n, CONV_OPS))
+    assert ops["QLinearConv"] == convs and ops["Conv"] == 0
+    assert ops["QLinearAdd"] == 8 and ops["QGemm"] == 1  # residual adds and the classifier
+
+
+def test_onnx_runtime_stays_close_to_the_reference(resnet18_x86):
+    q, path, x = resnet18_x86
+    with torch.no_grad():
+        ref = q(x)
+    got = qgraph.load_onnx(path)(x)
+    # 7-bit weights keep ONNX Runtime's U8S8 kernels out of int16 saturation: measured 2 steps
+    # (full-range weights: 22 steps on a small CNN, see FACTS). Three steps is the bound.
+    assert (got - ref).abs().max().item() <= 3 * output_scale(q) * (1 + 1e-3)
+
+
+def test_pte_of_an_x86_model_is_refused_clearly(conv_bn_net, image_batch, tmp_path):
+    p = qgraph.prepare_ptq(conv_bn_net, (image_batch,), backend="x86")
+    qgraph.calibrate(p, [image_batch], progress=False)
+    with pytest.raises(ConfigError, match="backend 'x86'.*backend='xnnpack'.*export_onnx"):
+        qgraph.export_pte(qgraph.convert(p), (image_batch[:1],), tmp_path / "m.pte")
+    assert not (tmp_path / "m.pte").exists()
