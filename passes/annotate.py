@@ -32,6 +32,8 @@ from qgraph.specs import ANNOTATION_KEY, AnySpec, DerivedSpec, Int32Bias, QuantA
 log = logging.getLogger("qgraph.annotate")
 
 MUST_QUANTIZE_OPS = CONV_OPS | LINEAR_OPS
+REFUSALS_KEY = "qgraph_refusals"
+"""``node.meta`` key on a conv / linear left in float: ``[(rule, reason), ...]``."""
 
 
 class Annotate(Pass):
@@ -145,6 +147,7 @@ class Annotate(Pass):
             if not is_op(node, MUST_QUANTIZE_OPS) or ANNOTATION_KEY in node.meta:
                 continue
             tried = self.refusals.get(node.name, [])
+            node.meta[REFUSALS_KEY] = list(tried)
             if any("scheme None" in why for _, why in tried):
                 continue  # the user asked for float here
             reasons = "; ".join(f"{r}: {why}" for r, why in tried) or "no rule of this backend covers it"
