@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test test-all bench clean venv
 
 $(STAMP): pyproject.toml
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'

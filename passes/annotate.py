@@ -49,6 +49,7 @@ class Annotate(Pass):
         self.refusals: dict[str, list[tuple[str, str]]] = {}
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        self.kept_float = self._first_and_last(gm) if self.config.keep_first_last_float else set()
         modified = False
         for rule in self.backend.rules:
             for node in gm.graph.nodes:
@@ -84,7 +85,7 @@ class Annotate(Pass):
             return self._refuse(anchor, rule, chain)
         if any(ANNOTATION_KEY in n.meta for n in chain):
             return self._refuse(anchor, rule, "part of the pattern is already matched by another rule")
-        scheme = self.config.scheme_for(anchor, self.default)
+        scheme = None if anchor.name in self.kept_float else self.config.scheme_for(anchor, self.default)
         if scheme is None:
             return self._refuse(anchor, rule, "the config keeps this node in float (scheme None)")
         if rule.check is not None:
@@ -140,6 +141,11 @@ class Annotate(Pass):
                     return f"input '{arg.name}' is not quantized, so there are no qparams to pass through"
                 specs[arg.name] = shared or scheme.activation
         return specs
+
+    @staticmethod
+    def _first_and_last(gm: torch.fx.GraphModule) -> set[str]:
+        layers = [n.name for n in gm.graph.nodes if is_op(n, MUST_QUANTIZE_OPS)]
+        return {layers[0], layers[-1]} if layers else set()
 
     # -- reporting ----------------------------------------------------------------------
     def _report_unquantized(self, gm: torch.fx.GraphModule) -> None:

@@ -20,7 +20,12 @@ from qgraph.errors import (
     QGraphError,
     UnsupportedOperatorError,
 )
+from qgraph.config import first_last_float
+from qgraph.coverage import coverage
 from qgraph.modes import eval_mode, freeze_bn_stats, freeze_observers, train_mode
+from qgraph.report import write_report
+
+report = write_report
 from qgraph.rules import QuantScheme
 from qgraph.specs import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
@@ -38,6 +43,10 @@ __all__ = [
     "eval_mode",
     "freeze_observers",
     "freeze_bn_stats",
+    "coverage",
+    "report",
+    "write_report",
+    "first_last_float",
     "QConfig",
     "QuantScheme",
     "QuantSpec",

@@ -26,6 +26,9 @@ class QConfig:
 
     ``scheme`` is the global scheme (None: the backend's default int8 scheme).
     ``strict=True`` turns "a conv or linear no rule quantized" from a warning into an error.
+    ``keep_first_last_float=True`` keeps the first and the last conv / linear of the graph in
+    float — the usual preset for low bit widths, where those two layers lose the most (see
+    :func:`first_last_float`).
     """
 
     scheme: Optional[QuantScheme] = None
@@ -33,6 +36,7 @@ class QConfig:
     module_types: dict[type, Optional[QuantScheme]] = field(default_factory=dict)
     module_names: dict[str, Optional[QuantScheme]] = field(default_factory=dict)
     strict: bool = False
+    keep_first_last_float: bool = False
 
     def set_module_name(self, pattern: str, scheme: Optional[QuantScheme]) -> "QConfig":
         re.compile(pattern)
@@ -74,3 +78,8 @@ class QConfig:
 def _matches_path(pattern: str, path: str) -> bool:
     """A pattern matches a module and everything inside it: 'features.0' matches 'features.0.1'."""
     return bool(re.fullmatch(pattern, path) or re.match(f"(?:{pattern})\\.", path))
+
+
+def first_last_float(scheme: Optional[QuantScheme] = None) -> QConfig:
+    """Preset: ``scheme`` (or the backend's default) everywhere but the first and last layer."""
+    return QConfig(scheme=scheme, keep_first_last_float=True)

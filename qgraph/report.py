@@ -177,7 +177,7 @@ def _pass_stems(stage_dir: Path) -> list[str]:
 
 
 def _read_text(path: Path) -> str | None:
-    return path.read_text() if path.exists() else None
+    return path.read_text(encoding="utf-8", errors="replace") if path.exists() else None
 
 
 def _read_seconds(stage_dir: Path) -> dict[str, float]:
@@ -191,7 +191,7 @@ def _read_record(stage_dir: Path, stem: str) -> dict:
     """The pass JSON, or an empty graph when only the text dump exists."""
     path = stage_dir / f"{stem}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     index, name = _STEM.match(stem).groups()  # type: ignore[union-attr]
     return {"index": int(index), "pass": name, "modified": None, "nodes": [], "edges": []}
 
@@ -380,7 +380,9 @@ def render_html(title: str, metas: list[dict], datas: list[dict], strings: Strin
         "JS": _JS,
     }
     # One pass over the template, so that data never has a placeholder substituted into it.
-    return _PLACEHOLDER.sub(lambda m: parts[m.group(1)], _TEMPLATE)
+    page = _PLACEHOLDER.sub(lambda m: parts[m.group(1)], _TEMPLATE)
+    # ASCII only (JSON is already escaped): the file reads the same whatever the locale.
+    return page.encode("ascii", "xmlcharrefreplace").decode("ascii")
 
 
 def write_report(dump_dir: str | Path) -> Path:
@@ -694,7 +696,7 @@ _JS = r"""
   // Only edges that go forward in graph order count (grouping modules can make cycles).
   function assignLayers(units, edges) {
     const layer = new Int32Array(units.length), preds = units.map(() => []), succs = units.map(() => []);
-    const fromInput = units.map((u) => u.kind === "input");
+    const fromInput = units.map((u) => u.entry);
     for (const e of edges) if (e.a < e.b) { preds[e.b].push(e.a); succs[e.a].push(e.b); }
     for (const u of units) {
       for (const p of preds[u.id]) { layer[u.id] = Math.max(layer[u.id], layer[p] + 1); fromInput[u.id] ||= fromInput[p]; }
@@ -723,11 +725,18 @@ _JS = r"""
       const offset = (width - (row.length * (NODE_W + GAP_X) - GAP_X)) / 2;
       row.forEach((u, x) => { u.x = offset + x * (NODE_W + GAP_X); u.y = MARGIN + y * (NODE_H + GAP_Y); });
     });
-    return { width, height: 2 * MARGIN + rows.length * (NODE_H + GAP_Y) - GAP_Y };
+    return { width, height: Math.max(60, 2 * MARGIN + rows.length * (NODE_H + GAP_Y) - GAP_Y) };
+  }
+
+  // Entries of the drawing: graph inputs, and boxes fed by nodes the module filter hides.
+  function markEntries(G, units, unitOf) {
+    const hiddenProducer = (p) => unitOf[p] < 0 && G.nodes[p].kind !== "constant";
+    for (const u of units) u.entry = u.kind === "input" || u.nodes.some((n) => G.preds[n.i].some(hiddenProducer));
   }
 
   function buildView(P, depth) {
     const G = P.graph, { units, unitOf } = buildUnits(G, depth);
+    markEntries(G, units, unitOf);
     const edges = buildEdges(G, unitOf);
     const size = place(units, assignLayers(units, edges));
     return { units, unitOf, edges, width: size.width, height: size.height };
@@ -805,6 +814,7 @@ _JS = r"""
     applyZoom();
     if (!P.graph.nodes.length) {
       svg.innerHTML = `<text x="20" y="30">no graph data (JSON) for this pass: see the listing</text>`;
+      $("#view-note").textContent = "";
       return;
     }
     svg.innerHTML = view.edges.map((e) => edgeSvg(view, e)).join("") + view.units.map((u) => unitSvg(P, u)).join("");

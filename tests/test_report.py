@@ -211,6 +211,23 @@ def test_report_is_written_atomically(small_dump, monkeypatch):
     assert [p.name for p in small_dump.iterdir() if p.name.endswith(".tmp")] == []  # no leftovers
 
 
+def test_small_report_in_browser_listing_module_filter_and_text_only_pass(browser, small_dump):
+    (small_dump / "prepare_ptq" / "001_fold_conv_bn.json").unlink()  # an older dump: text only
+    page = Page(browser, write_report(small_dump))
+    page.page.click('li.pass[data-stage="prepare_ptq"][data-pass="fold_conv_bn"]')
+    assert "no graph data" in page.page.text_content("#graph")
+    page.page.click("#tab-listing")
+    assert page.page.locator("#listing .ln").count() > 5
+
+    page.page.click('li.pass[data-stage="prepare_ptq"][data-pass="annotate"]')
+    page.page.click('#listing .ln[data-name="conv2d"]')  # a listing line selects its node
+    assert page.panel(".name") == "conv2d" and page.panel(".rule")
+    page.page.select_option("#module-filter", "conv2")
+    modules = page.page.eval_on_selector_all("#graph g.node[data-name]", "els => els.map(e => e.dataset.name)")
+    assert modules and "conv2d" not in modules  # only conv2's nodes are drawn
+    page.close()
+
+
 def test_report_needs_dumps(tmp_path):
     with pytest.raises(FileNotFoundError, match="dump_dir="):
         write_report(tmp_path)
