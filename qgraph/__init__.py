@@ -23,11 +23,18 @@ from qgraph.errors import (
 from qgraph.config import first_last_float
 from qgraph.coverage import coverage
 from qgraph.modes import eval_mode, freeze_bn_stats, freeze_observers, train_mode
-from qgraph.report import write_report
-
-report = write_report
 from qgraph.rules import QuantScheme
 from qgraph.specs import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+
+# Functions named like their modules: bound after the module imports so that
+# ``qgraph.compare`` etc. are the functions (the modules stay in ``sys.modules``).
+from qgraph.compare import LayerError, LayerErrorReport, plot_layer_histograms  # noqa: E402
+from qgraph.compare import compare  # noqa: E402
+from qgraph.report import write_report  # noqa: E402
+from qgraph.sensitivity import MixedPrecisionResult, SensitivityReport, auto_mixed_precision  # noqa: E402
+from qgraph.sensitivity import sensitivity  # noqa: E402
+
+report = write_report
 
 __all__ = [
     "capture",
@@ -44,6 +51,14 @@ __all__ = [
     "freeze_observers",
     "freeze_bn_stats",
     "coverage",
+    "compare",
+    "LayerError",
+    "LayerErrorReport",
+    "plot_layer_histograms",
+    "sensitivity",
+    "SensitivityReport",
+    "auto_mixed_precision",
+    "MixedPrecisionResult",
     "report",
     "write_report",
     "first_last_float",

@@ -7,7 +7,6 @@ and convert work on deep copies.
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any, Iterable
 
@@ -20,6 +19,7 @@ from qgraph.backends import get_backend
 from qgraph.capture import as_args, capture
 from qgraph.config import QConfig
 from qgraph.errors import ConfigError
+from qgraph.graph import copy_graph_module
 from qgraph.modes import bind_mode_methods, eval_mode, train_mode
 from qgraph.pass_manager import PassManager
 from qgraph.passes.annotate import Annotate
@@ -36,18 +36,10 @@ PREPARED_KEY = "qgraph_prepared"
 CONVERTED_KEY = "qgraph_converted"
 
 
-def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    new = copy.deepcopy(gm)
-    new.meta = dict(gm.meta)
-    new.__dict__.pop("train", None)
-    new.__dict__.pop("eval", None)
-    return new
-
-
 def _graph_of(model: nn.Module, example_inputs: Any) -> tuple[torch.fx.GraphModule, bool]:
     """A private GraphModule for ``model`` and whether the model was in training mode."""
     if isinstance(model, torch.fx.GraphModule):
-        return _copy_graph_module(model), model.training
+        return copy_graph_module(model), model.training
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module or a captured GraphModule, got {type(model).__name__}")
     return capture(model, example_inputs), model.training
@@ -140,7 +132,7 @@ def convert(prepared: torch.fx.GraphModule, dump_dir: str | os.PathLike | None =
     """
     if not isinstance(prepared, torch.fx.GraphModule) or PREPARED_KEY not in prepared.meta:
         raise ConfigError("convert() takes the model returned by qgraph.prepare_qat or qgraph.prepare_ptq")
-    gm = eval_mode(_copy_graph_module(prepared))
+    gm = eval_mode(copy_graph_module(prepared))
     passes = [FoldBn(), RemoveDropout(), FreezeQparams(), QuantizeWeights()]
     gm = PassManager(passes, dump_dir=dump_dir, stage="convert")(gm)
     gm.meta[CONVERTED_KEY] = {"backend": gm.meta.pop(PREPARED_KEY)["backend"]}

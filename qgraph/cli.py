@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--fp32-epochs", type=int, default=15)
     demo.add_argument("--qat-epochs", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-low-bit", action="store_true", help="skip the W4A8 / W4A4 / W3A4 rows")
     inspect = sub.add_parser("inspect", help="capture and prepare a model with dumps; write the HTML report")
     inspect.add_argument("model", help="'digits', 'torchvision:NAME' or 'package.module:factory'")
     inspect.add_argument("--input-shape", type=_shape, default=None)
@@ -44,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.command == "demo":
-        from qgraph.demo import run_demo
+        from qgraph.demo import LOW_BITS, run_demo
 
-        result = run_demo(args.out, args.fp32_epochs, args.qat_epochs, args.seed)
+        low_bits = () if args.no_low_bit else LOW_BITS
+        result = run_demo(args.out, args.fp32_epochs, args.qat_epochs, args.seed, low_bits=low_bits)
         print(result.table())
         print(f"\nfiles: {', '.join(result.files.values())}")
     elif args.command == "inspect":

@@ -52,8 +52,6 @@ mode under a :class:`torch.fx.Interpreter`, and the float model is captured (a c
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import itertools
 import math
 import os
@@ -69,10 +67,9 @@ from torch import nn
 from qgraph.capture import as_args, capture
 from qgraph.errors import ConfigError
 from qgraph.files import atomic_path
-from qgraph.graph import BATCH_NORM_OPS, get_constant, is_op, module_path, single_user
+from qgraph.graph import BATCH_NORM_OPS, copy_graph_module, get_constant, is_op, module_path, single_user
 from qgraph.modes import eval_mode
 from qgraph.observers import QUANTIZER_TYPES
-from qgraph.passes.fuse_conv_bn_qat import SIMULATED_BN_KEY
 from qgraph.passes.insert_quantizers import QUANTIZER_KEY
 from qgraph.qdq_ops import DEQUANTIZE_OPS, QUANTIZE_OPS, qd
 from qgraph.specs import ANNOTATION_KEY
@@ -116,11 +113,12 @@ class LayerError:
     """Position in the quantized graph: rows sort back into graph order with it."""
 
 
-def _rank_key(row: LayerError) -> tuple[float, float, int]:
-    def worst_is_low(x: float) -> float:
-        return -math.inf if math.isnan(x) else x
+def _low_first(x: float) -> float:
+    return -math.inf if math.isnan(x) else x  # NaN (a NaN activation) counts as worst
 
-    return worst_is_low(row.isolated_sqnr_db), worst_is_low(row.sqnr_db), row.index
+
+def _rank_key(row: LayerError) -> tuple[float, float, int]:
+    return _low_first(row.isolated_sqnr_db), _low_first(row.sqnr_db), row.index
 
 
 @dataclass
@@ -147,9 +145,13 @@ class LayerErrorReport:
                 return row
         raise KeyError(f"no quantized point named {name!r}; names: {[r.name for r in self.rows]}")
 
-    def worst(self, n: int = 5) -> list[LayerError]:
-        """The ``n`` worst points."""
-        return self.rows[:n]
+    def worst(self, n: int = 5, by: str = "isolated_sqnr_db") -> list[LayerError]:
+        """The ``n`` worst points by ``by`` (``"isolated_sqnr_db"`` or ``"sqnr_db"``)."""
+        if by not in ("isolated_sqnr_db", "sqnr_db"):
+            raise ValueError(f"by must be 'isolated_sqnr_db' or 'sqnr_db', got {by!r}")
+        if by == "isolated_sqnr_db":
+            return self.rows[:n]
+        return sorted(self.rows, key=lambda r: (_low_first(r.sqnr_db), r.index))[:n]
 
     def in_graph_order(self) -> list[LayerError]:
         return sorted(self.rows, key=lambda r: r.index)
@@ -157,8 +159,8 @@ class LayerErrorReport:
     def to_text(self, n: Optional[int] = None) -> str:
         """A table of the ``n`` worst points (all by default)."""
         rows = [
-            [i + 1, r.name, r.op, r.module, _fmt_db(r.isolated_sqnr_db), _fmt_db(r.sqnr_db), "x".join(map(str, r.shape))]
-            for i, r in enumerate(self.rows[:n])
+            [i, r.name, r.op, r.module, _fmt_db(r.isolated_sqnr_db), _fmt_db(r.sqnr_db), "x".join(map(str, r.shape))]
+            for i, r in enumerate(self.rows[:n], start=1)
         ]
         headers = ["rank", "layer", "op", "module", "isolated SQNR dB", "SQNR dB", "shape"]
         text = f"{len(self.rows)} quantized points, {self.batches} batches, worst first\n"
@@ -203,6 +205,17 @@ class _Grid:
         zp = self._shaped(self.zero_point.float(), like)
         return (self.qmin - zp) * scale, (self.qmax - zp) * scale
 
+    def clipped_fraction(self, x: torch.Tensor) -> float:
+        """Share of ``x`` more than half a step outside the representable range."""
+        lo, hi = self.bounds(x)
+        half = self._shaped(self.scale.float(), x) / 2
+        return float(((x < lo - half) | (x > hi + half)).float().mean())
+
+    def levels(self) -> torch.Tensor:
+        """Every representable value (per-tensor grids only)."""
+        q = torch.arange(self.qmin, self.qmax + 1, dtype=torch.float32)
+        return (q - self.zero_point.float().reshape(())) * self.scale.float().reshape(())
+
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         scale, zp = self.scale.float(), self.zero_point.to(torch.int32)
         if self.axis is None:
@@ -236,13 +249,18 @@ def _op_grid(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Grid:
 class _Place:
     """A quantized point of the quantized graph and its float counterpart."""
 
-    name: str
     producer: torch.fx.Node
+    consumer: Optional[str]
+    """Consumer of a quantized input edge; None for a quantized output."""
     probe: torch.fx.Node
     """Node whose output is the quantized activation (quantizer call, or a dequantize)."""
     grid: _Grid
     anchor: Optional[torch.fx.Node]
     float_node: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.producer.name} -> {self.consumer}" if self.consumer else self.producer.name
 
 
 def _quantizer_module(gm: torch.fx.GraphModule, node: object) -> Optional[nn.Module]:
@@ -263,14 +281,14 @@ def _producer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
-def _anchor(gm: torch.fx.GraphModule, node: Optional[torch.fx.Node]) -> Optional[torch.fx.Node]:
+def _anchor(nodes: dict[str, torch.fx.Node], owner: Optional[str]) -> Optional[torch.fx.Node]:
+    """Anchor of the pattern ``owner`` belongs to (the conv of conv + ReLU), if annotated."""
+    node = nodes.get(owner) if owner else None
     ann = node.meta.get(ANNOTATION_KEY) if node is not None else None
-    if ann is None:
-        return None
-    return next((n for n in gm.graph.nodes if n.name == ann.anchor), None)
+    return nodes.get(ann.anchor) if ann is not None else None
 
 
-def _prepared_places(gm: torch.fx.GraphModule) -> list[_Place]:
+def _prepared_places(gm: torch.fx.GraphModule, nodes: dict[str, torch.fx.Node]) -> list[_Place]:
     places = []
     for node in gm.graph.nodes:
         mod = _quantizer_module(gm, node)
@@ -279,13 +297,19 @@ def _prepared_places(gm: torch.fx.GraphModule) -> list[_Place]:
         producer = _producer(gm, node.args[0])
         point = node.meta.get(QUANTIZER_KEY)
         consumer = point[1] if isinstance(point, tuple) else None
-        name = f"{producer.name} -> {consumer}" if consumer else producer.name
-        owner = next((n for n in gm.graph.nodes if n.name == consumer), None) if consumer else producer
-        places.append(_Place(name, producer, node, _module_grid(mod), _anchor(gm, owner)))
+        anchor = _anchor(nodes, consumer or producer.name)
+        places.append(_Place(producer, consumer, node, _module_grid(mod), anchor))
     return places
 
 
-def _converted_places(gm: torch.fx.GraphModule) -> list[_Place]:
+def _converted_places(gm: torch.fx.GraphModule, nodes: dict[str, torch.fx.Node]) -> list[_Place]:
+    """Quantize ops with dequantize users; which point each was is read off the wiring.
+
+    An input edge feeds one consumer, and either requantizes an output point (its source is
+    a dequantize) or shares its producer with other users (an output point's quantize is
+    its producer's only user). An edge whose producer has no other user looks exactly like
+    that producer's quantized output and is named after it.
+    """
     places = []
     for q in gm.graph.nodes:
         dequantizes = [u for u in q.users if is_op(u, DEQUANTIZE_OPS)] if is_op(q, QUANTIZE_OPS) else []
@@ -293,12 +317,11 @@ def _converted_places(gm: torch.fx.GraphModule) -> list[_Place]:
             continue
         src = q.args[0]
         producer = _producer(gm, src)
-        consumers = {c for d in dequantizes for c in d.users}
-        # An input edge requantizes a producer's output, or shares the producer with float users.
-        shared = any(u is not q and not is_op(u, QUANTIZE_OPS) for u in src.users)
-        consumer = next(iter(consumers)) if len(consumers) == 1 and (src is not producer or shared) else None
-        name = f"{producer.name} -> {consumer.name}" if consumer else producer.name
-        places.append(_Place(name, producer, dequantizes[0], _op_grid(gm, q), _anchor(gm, consumer or producer)))
+        consumers = {c.name for d in dequantizes for c in d.users}
+        edge = len(consumers) == 1 and (src is not producer or len(src.users) > 1)
+        consumer = next(iter(consumers)) if edge else None
+        anchor = _anchor(nodes, consumer or producer.name)
+        places.append(_Place(producer, consumer, dequantizes[0], _op_grid(gm, q), anchor))
     return places
 
 
@@ -312,8 +335,10 @@ def _input_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
 
 
 def _find_places(gm: torch.fx.GraphModule) -> list[_Place]:
+    """Quantized activations of ``gm`` (points on weights and other constants left out)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
     prepared = any(_quantizer_module(gm, n) is not None for n in gm.graph.nodes)
-    places = _prepared_places(gm) if prepared else _converted_places(gm)
+    places = _prepared_places(gm, nodes) if prepared else _converted_places(gm, nodes)
     dependent = _input_dependent(gm)
     return [p for p in places if p.producer in dependent]
 
@@ -390,19 +415,8 @@ class _Energy:
 
 
 def _private_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A deep copy in eval mode that shares no mutable state with ``gm``.
-
-    ``copy.deepcopy`` copies each node's meta dict but not its values; the simulated-BN
-    records in it are switched between train and eval form in place, so they are copied too.
-    """
-    new = copy.deepcopy(gm)
-    new.meta = dict(gm.meta)
-    new.__dict__.pop("train", None)
-    new.__dict__.pop("eval", None)
-    for node in new.graph.nodes:
-        if SIMULATED_BN_KEY in node.meta:
-            node.meta[SIMULATED_BN_KEY] = dataclasses.replace(node.meta[SIMULATED_BN_KEY])
-    return eval_mode(new)
+    """A deep copy in eval mode that shares no mutable state with ``gm``."""
+    return eval_mode(copy_graph_module(gm))
 
 
 def _float_graph(model: nn.Module, example: tuple) -> torch.fx.GraphModule:
@@ -449,7 +463,7 @@ def _setup(model: nn.Module, quantized: torch.fx.GraphModule, batches: Iterable[
     return _Setup(float_gm, quant_gm, places, unmatched, batches)
 
 
-def _run_batch(setup: _Setup, args: tuple, simulate: bool, energies: dict[str, _Energy]) -> None:
+def _run_batch(setup: _Setup, args: tuple, simulate: bool, energies: dict[torch.fx.Node, _Energy]) -> None:
     recorder = _FloatRecorder(setup.float_gm, {p.float_node for p in setup.places})
     recorder.run(*args)
     by_probe = {p.probe: p for p in setup.places}
@@ -464,15 +478,16 @@ def _run_batch(setup: _Setup, args: tuple, simulate: bool, energies: dict[str, _
                 f"'{place.name}' has shape {tuple(out.shape)} in the quantized model but its float "
                 f"counterpart '{place.float_node}' has {tuple(ref.shape)}; was the float model changed?"
             )
-        energies.setdefault(place.name, _Energy()).add(ref, out, place.grid.fake_quantize(ref))
+        energies.setdefault(node, _Energy()).add(ref, out, place.grid.fake_quantize(ref))
 
     _QuantRunner(setup.quant_gm, simulate, on_probe).run(*args)
 
 
-def _row(place: _Place, energy: _Energy, gm: torch.fx.GraphModule) -> LayerError:
+def _row(place: _Place, energy: _Energy, index: int) -> LayerError:
     anchor = place.anchor
     ann = anchor.meta.get(ANNOTATION_KEY) if anchor is not None else None
-    op = ann.rule if ann is not None else str(getattr(place.producer.target, "__name__", place.producer.op))
+    producer = place.producer
+    op = ann.rule if ann is not None else str(producer.target) if producer.op == "call_function" else producer.op
     return LayerError(
         name=place.name,
         op=op,
@@ -482,7 +497,7 @@ def _row(place: _Place, energy: _Energy, gm: torch.fx.GraphModule) -> LayerError
         shape=energy.shape,
         float_node=place.float_node,
         anchor=anchor.name if anchor is not None else "",
-        index=list(gm.graph.nodes).index(place.probe),
+        index=index,
     )
 
 
@@ -506,13 +521,14 @@ def compare(
     setup = _setup(model, prepared_or_quantized, batches)
     if not simulate_quantization and not any(_quantizer_module(setup.quant_gm, p.probe) for p in setup.places):
         raise ConfigError("simulate_quantization=False needs a prepared model; a converted one has no float path")
-    energies: dict[str, _Energy] = {}
+    energies: dict[torch.fx.Node, _Energy] = {}
     count = 0
     with torch.no_grad():
         for batch in setup.batches:
             _run_batch(setup, as_args(batch), simulate_quantization, energies)
             count += 1
-    rows = [_row(p, energies[p.name], setup.quant_gm) for p in setup.places if p.name in energies]
+    order = {n: i for i, n in enumerate(setup.quant_gm.graph.nodes)}
+    rows = [_row(p, energies[p.probe], order[p.probe]) for p in setup.places if p.probe in energies]
     report = LayerErrorReport(rows, setup.unmatched, count)
     if plot_path is not None:
         report.plot(plot_path)
@@ -538,40 +554,66 @@ def _save_png(fig, path: Path) -> Path:
     return path
 
 
+def _bar_lengths(values: Sequence[float]) -> list[float]:
+    """Values a bar chart can draw: ``inf`` 10 dB right of the best finite value, NaN at 0."""
+    finite = [v for v in values if math.isfinite(v)]
+    top = max(finite, default=50.0) + 10.0
+    bottom = min(min(finite, default=0.0), 0.0) - 10.0
+    return [top if v == math.inf else bottom if v == -math.inf else 0.0 if math.isnan(v) else v for v in values]
+
+
 def _plot_report(report: LayerErrorReport, path: Path, highlight: int) -> Path:
     rows = report.in_graph_order()
     worst = {r.name for r in report.worst(highlight)}
-    finite = [v for r in rows for v in (r.sqnr_db, r.isolated_sqnr_db) if math.isfinite(v)]
-    cap = max(finite, default=60.0) + 10.0  # where inf is drawn
-    clip = lambda v: cap if v == math.inf else (0.0 if math.isnan(v) else max(v, min(finite, default=0.0) - 10.0))  # noqa: E731
+    lengths = _bar_lengths([r.sqnr_db for r in rows] + [r.isolated_sqnr_db for r in rows])
+    cumulative, isolated = lengths[: len(rows)], lengths[len(rows) :]
     fig = _figure(10, 1.5 + 0.2 * len(rows))
     ax = fig.add_subplot()
     ys = list(range(len(rows)))
     colors = ["tab:red" if r.name in worst else "tab:blue" for r in rows]
-    ax.barh(ys, [clip(r.sqnr_db) for r in rows], color=colors, label="SQNR (cumulative)")
-    ax.scatter([clip(r.isolated_sqnr_db) for r in rows], ys, color="black", s=12, zorder=3, label="isolated SQNR")
-    for y, r in zip(ys, rows):
-        if r.name in worst:
-            ax.annotate(f" worst: {_fmt_db(r.isolated_sqnr_db)} dB isolated", (max(clip(r.sqnr_db), 0.0), y), va="center", color="tab:red", fontsize=8)
+    ax.barh(ys, cumulative, color=colors, label="SQNR (cumulative)")
+    ax.scatter(isolated, ys, color="black", s=12, zorder=3, label="isolated SQNR")
+    for y, row, length in zip(ys, rows, isolated):
+        if row.name in worst:
+            text = f"  {row.name}: {_fmt_db(row.isolated_sqnr_db)} dB isolated"
+            ax.annotate(text, (length, y), va="center", color="tab:red", fontsize=8)
     ax.set_yticks(ys, [f"{r.name} ({r.op})" for r in rows], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("SQNR dB vs float (inf drawn at the right edge)")
-    ax.set_title(f"per-layer quantization error, {report.batches} batches, graph order")
+    ax.set_xlabel("SQNR dB against the float model (inf drawn 10 dB right of the best finite value)")
+    ax.set_title(f"per-layer quantization error over {report.batches} batches, graph order; worst in red")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return _save_png(fig, path)
 
 
-def _pick_place(places: Sequence[_Place], layer: str) -> _Place:
+@dataclass
+class _Layer:
+    """What the histograms show: a pattern's anchor, its first input and its output point."""
+
+    anchor: Optional[torch.fx.Node]
+    input: Optional[torch.fx.Node]
+    """The anchor's first argument in the quantized graph (its quantizer or dequantize)."""
+    output: Optional[_Place]
+
+
+def _pick_layer(places: Sequence[_Place], layer: str) -> _Layer:
+    """``layer`` is a point name, an anchor node name or a module path."""
     for match in (
         lambda p: p.name == layer,
-        lambda p: p.anchor is not None and p.anchor.name == layer and " -> " not in p.name,
-        lambda p: p.anchor is not None and module_path(p.anchor) == layer and " -> " not in p.name,
+        lambda p: p.anchor is not None and p.anchor.name == layer,
+        lambda p: p.anchor is not None and module_path(p.anchor) == layer,
     ):
         found = [p for p in places if match(p)]
         if found:
-            return found[-1]  # a fused pattern's last output point is the layer's output
-    raise ConfigError(f"no quantized point {layer!r}; choose one of {[p.name for p in places]}")
+            break
+    else:
+        raise ConfigError(f"no quantized point or layer {layer!r}; choose one of {[p.name for p in places]}")
+    anchor = found[0].anchor
+    if anchor is None:  # a quantized point outside any pattern: show just that point
+        return _Layer(None, None, found[0])
+    outputs = [p for p in places if p.anchor is anchor and p.consumer is None]
+    first = anchor.args[0] if anchor.args else None
+    return _Layer(anchor, first if isinstance(first, torch.fx.Node) else None, outputs[-1] if outputs else None)
 
 
 def _evaluate_constant(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
@@ -608,37 +650,44 @@ def _weight_panel(gm: torch.fx.GraphModule, anchor: Optional[torch.fx.Node]):
         return _evaluate_constant(gm, node).detach().float(), grid
 
 
-def _draw_histogram(ax, values: Optional[torch.Tensor], grid: Optional[_Grid], title: str, max_lines: int = 48) -> None:
+def _draw_histogram(
+    ax, values: Optional[torch.Tensor], grid: Optional[_Grid], title: str, max_lines: int = 48
+) -> None:
+    """Histogram of ``values`` (log counts) over their own range, with ``grid`` drawn on top.
+
+    Representable values inside the view are red lines, or a red band when there are more
+    than ``max_lines``; clipping limits inside the view are dashed. The title gives the
+    qparams, the full representable range and the share of values clipped.
+    """
     if values is None:
-        ax.set_title(f"{title}: not available", fontsize=9)
+        ax.set_title(f"{title}: none", fontsize=9)
         ax.axis("off")
         return
     flat = values.flatten().float()
-    ax.hist(flat.numpy(), bins=128, color="tab:blue", alpha=0.8, log=True)
+    left, right = float(flat.min()), float(flat.max())
+    pad = 0.03 * ((right - left) or 1.0)
+    ax.hist(flat.numpy(), bins=128, range=(left, right), color="tab:blue", alpha=0.8, log=True)
+    ax.set_xlim(left - pad, right + pad)
     if grid is None:
         ax.set_title(f"{title} (not quantized)", fontsize=9)
         return
-    lo, hi = grid.bounds(values)
-    clipped = float(((values < lo - grid._shaped(grid.scale.float(), values) / 2) | (values > hi + grid._shaped(grid.scale.float(), values) / 2)).float().mean())
-    lo_all, hi_all = float(lo.min()), float(hi.max())
-    left, right = min(float(flat.min()), lo_all), max(float(flat.max()), hi_all)
-    pad = 0.02 * (right - left or 1.0)
-    ax.set_xlim(left - pad, right + pad)
-    if grid.axis is None:
-        levels = (torch.arange(grid.qmin, grid.qmax + 1) - grid.zero_point.float().reshape(())) * grid.scale.float().reshape(())
-        visible = levels[(levels >= left - pad) & (levels <= right + pad)]
-        if len(visible) <= max_lines:
-            for v in visible.tolist():
-                ax.axvline(v, color="tab:red", lw=0.6, alpha=0.7)
-        else:
-            ax.axvspan(lo_all, hi_all, color="tab:red", alpha=0.12, label=f"{grid.qmax - grid.qmin + 1} levels")
-        qp = f"scale {float(grid.scale.reshape(())):.3g}, zp {int(grid.zero_point.reshape(()))}"
+    lo, hi = (float(b.min()) if i == 0 else float(b.max()) for i, b in enumerate(grid.bounds(values)))
+    levels = grid.levels() if grid.axis is None else None
+    visible = levels[(levels >= left - pad) & (levels <= right + pad)] if levels is not None else None
+    if visible is not None and len(visible) <= max_lines:
+        for v in visible.tolist():
+            ax.axvline(v, color="tab:red", lw=0.7, alpha=0.8)
     else:
-        ax.axvspan(lo_all, hi_all, color="tab:red", alpha=0.12)
-        qp = f"per-channel: {grid.scale.numel()} scales, median {float(grid.scale.float().median()):.3g}"
-    for edge in (lo_all, hi_all):
-        ax.axvline(edge, color="tab:red", lw=1.2, ls="--")
-    ax.set_title(f"{title}\n{qp}; clipped {100 * clipped:.2f}%", fontsize=9)
+        ax.axvspan(max(lo, left - pad), min(hi, right + pad), color="tab:red", alpha=0.12)
+    for edge in (lo, hi):
+        if left - pad <= edge <= right + pad:
+            ax.axvline(edge, color="tab:red", lw=1.2, ls="--")
+    if grid.axis is None:
+        qparams = f"scale {float(grid.scale.reshape(())):.3g}, zp {int(grid.zero_point.reshape(()))}"
+    else:
+        qparams = f"per-channel: {grid.scale.numel()} scales, median {float(grid.scale.float().median()):.3g}"
+    clipped = 100 * grid.clipped_fraction(values)
+    ax.set_title(f"{title}\n{qparams}, range [{lo:.3g}, {hi:.3g}]; clipped {clipped:.2f}%", fontsize=9)
 
 
 def plot_layer_histograms(
@@ -659,28 +708,35 @@ def plot_layer_histograms(
     """
     setup = _setup(model, prepared_or_quantized, batches)
     gm = setup.quant_gm
-    place = _pick_place(setup.places + [], layer)
-    anchor = place.anchor
-    in_node = anchor.args[0] if anchor is not None and anchor.args and isinstance(anchor.args[0], torch.fx.Node) else None
-    in_place = _input_counterpart(setup, in_node)
-    wanted = {place.float_node} | ({in_place} if in_place else set())
-    collected: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
-    with torch.no_grad():
-        for batch in setup.batches:
-            recorder = _FloatRecorder(setup.float_gm, wanted)
-            recorder.run(*as_args(batch))
-            for name in wanted:
-                collected[name].append(recorder.values[name])
-    values = {k: torch.cat([v.flatten() for v in vs]) for k, vs in collected.items()}
-    weight = _weight_panel(gm, anchor)
+    chosen = _pick_layer(setup.places, layer)
+    in_float = _input_counterpart(setup, chosen.input)
+    out_float = chosen.output.float_node if chosen.output is not None else None
+    values = _float_values(setup, {name for name in (in_float, out_float) if name})
+    weight = _weight_panel(gm, chosen.anchor)
     fig = _figure(15, 4.2)
     axes = fig.subplots(1, 3)
-    _draw_histogram(axes[0], weight[0] if weight else None, weight[1] if weight else None, "weight")
-    _draw_histogram(axes[1], values.get(in_place) if in_place else None, _grid_of(gm, in_node), f"input {in_place or ''}")
-    _draw_histogram(axes[2], values[place.float_node], place.grid, f"output {place.name}")
-    fig.suptitle(f"{place.name} ({module_path(anchor) if anchor is not None else ''}): float activations, quantization grid in red", fontsize=10)
+    _draw_histogram(axes[0], *(weight or (None, None)), "weight")
+    in_grid = _grid_of(gm, chosen.input) if chosen.input is not None else None
+    _draw_histogram(axes[1], values.get(in_float), in_grid, f"input {in_float or ''}")
+    out_grid = chosen.output.grid if chosen.output is not None else None
+    _draw_histogram(axes[2], values.get(out_float), out_grid, f"output {chosen.output.name if chosen.output else ''}")
+    title = chosen.anchor.name if chosen.anchor is not None else layer
+    where = module_path(chosen.anchor) if chosen.anchor is not None else ""
+    fig.suptitle(f"{title} ({where}): float model's values, quantization grid in red", fontsize=10)
     fig.tight_layout()
     return _save_png(fig, Path(path))
+
+
+def _float_values(setup: _Setup, names: set[str]) -> dict[str, torch.Tensor]:
+    """Every batch's value of the named float nodes, flattened and concatenated."""
+    collected: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    with torch.no_grad():
+        for batch in setup.batches:
+            recorder = _FloatRecorder(setup.float_gm, names)
+            recorder.run(*as_args(batch))
+            for name in names:
+                collected[name].append(recorder.values[name].flatten())
+    return {name: torch.cat(parts) for name, parts in collected.items()}
 
 
 def _input_counterpart(setup: _Setup, in_node: Optional[torch.fx.Node]) -> Optional[str]:

@@ -20,6 +20,7 @@ from tabulate import tabulate
 
 import qgraph
 from qgraph.backends.executorch_emitter import write_pte
+from qgraph.backends.xnnpack import xnnpack_scheme
 from qgraph.models.digits import DigitsCNN, load_digits_split
 from qgraph.training import accuracy, batches, train_epochs
 
@@ -68,14 +69,43 @@ def _latency_ms(fn: Callable, x: torch.Tensor, repeat: int = 50) -> float:
     return 1000 * statistics.median(times)
 
 
+LOW_BITS = ((4, 8), (4, 4), (3, 4))
+"""(weight bits, activation bits) of the low-bit rows of the demo table."""
+
+
+def _qat(model, data, example, qat_epochs: int, progress: bool, config=None):
+    """QAT with the usual schedule: BN statistics frozen for the last two epochs, observers
+    for the last one."""
+    qat = qgraph.prepare_qat(model, example, config=config)
+
+    def schedule(epoch: int) -> None:
+        if epoch == qat_epochs - 2:
+            qgraph.freeze_bn_stats(qat)
+        if epoch == qat_epochs - 1:
+            qgraph.freeze_observers(qat)
+
+    train_epochs(qat, data.x_train, data.y_train, qat_epochs, lr=1e-3, on_epoch=schedule, desc="QAT", progress=progress)
+    return qat.eval()
+
+
+def _ptq(model, data, example, progress: bool, config=None):
+    ptq = qgraph.prepare_ptq(model, example, config=config)
+    qgraph.calibrate(ptq, [xb for xb, _ in batches(data.x_train, data.y_train, 64, shuffle=False)], progress=progress)
+    return qgraph.convert(ptq)
+
+
 def run_demo(
     out_dir: str | Path = "out",
     fp32_epochs: int = 15,
     qat_epochs: int = 5,
     seed: int = 0,
     progress: bool = True,
+    low_bits: tuple[tuple[int, int], ...] = LOW_BITS,
 ) -> DemoResult:
-    """Train, quantize (PTQ and QAT), export and run the digits CNN; return every figure."""
+    """Train, quantize (PTQ and QAT), export and run the digits CNN; return every figure.
+
+    ``low_bits`` adds PTQ and QAT rows at those (weight, activation) bit widths (PyTorch
+    only: XNNPACK runs 8-bit kernels)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = load_digits_split(seed)
@@ -86,20 +116,8 @@ def run_demo(
     res.accuracy["fp32"] = accuracy(model, data.x_test, data.y_test)
     example = (data.x_train[:64],)
 
-    ptq = qgraph.prepare_ptq(model, example)
-    qgraph.calibrate(ptq, [xb for xb, _ in batches(data.x_train, data.y_train, 64, shuffle=False)], progress=progress)
-    res.accuracy["PTQ int8 (converted)"] = accuracy(qgraph.convert(ptq), data.x_test, data.y_test)
-
-    qat = qgraph.prepare_qat(model, example)
-
-    def schedule(epoch: int) -> None:
-        if epoch == qat_epochs - 2:
-            qgraph.freeze_bn_stats(qat)
-        if epoch == qat_epochs - 1:
-            qgraph.freeze_observers(qat)
-
-    train_epochs(qat, data.x_train, data.y_train, qat_epochs, lr=1e-3, on_epoch=schedule, desc="QAT", progress=progress)
-    qat.eval()
+    res.accuracy["PTQ int8 (converted)"] = accuracy(_ptq(model, data, example, progress), data.x_test, data.y_test)
+    qat = _qat(model, data, example, qat_epochs, progress)
     res.accuracy["QAT int8 fake-quant (eval)"] = accuracy(qat, data.x_test, data.y_test)
     converted = qgraph.convert(qat)
     res.accuracy["QAT int8 converted"] = accuracy(converted, data.x_test, data.y_test)
@@ -117,6 +135,15 @@ def run_demo(
         res.steps_from_converted["QAT fake-quant (eval)"] = (qat(data.x_test) - reference).abs().max().item() / step
         res.steps_from_converted[".pte"] = (_per_sample(run_pte)(data.x_test) - reference).abs().max().item() / step
         res.steps_from_converted[".onnx"] = (run_onnx(data.x_test) - reference).abs().max().item() / step
+
+    for w_bits, a_bits in low_bits:
+        config = qgraph.QConfig(scheme=xnnpack_scheme(False, w_bits, a_bits))
+        res.accuracy[f"PTQ W{w_bits}A{a_bits} (converted)"] = accuracy(
+            _ptq(model, data, example, progress, config), data.x_test, data.y_test
+        )
+        config = qgraph.QConfig(scheme=xnnpack_scheme(True, w_bits, a_bits))
+        low = _qat(model, data, example, qat_epochs, progress, config)
+        res.accuracy[f"QAT W{w_bits}A{a_bits} (converted)"] = accuracy(qgraph.convert(low), data.x_test, data.y_test)
 
     fp32_pte = write_pte(torch.export.export(model, (data.x_test[:1],)), out / "digits_fp32.pte")
     res.sizes = {"digits_fp32.pte": fp32_pte.size_bytes, "digits_int8.pte": pte.size_bytes,

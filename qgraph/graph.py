@@ -5,6 +5,8 @@ Ops are matched by op object (``torch.ops.aten.conv2d.default``), never by name.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Iterable
 
 import torch
@@ -103,3 +105,23 @@ def remove_dead_nodes(gm: torch.fx.GraphModule) -> bool:
         if name.startswith("qgraph_") and name not in used:
             delattr(gm, name)
     return changed
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy of ``gm`` that shares no mutable state with it.
+
+    ``copy.deepcopy`` gives each node a new meta dict but keeps its values; qgraph keeps
+    mutable records there (a QAT conv's simulated-BN form is switched in place by
+    ``train_mode``/``eval_mode``), so mutable dataclass values are copied as well. Methods
+    bound to the instance (``train``/``eval`` from ``bind_mode_methods``) are not copied:
+    they would act on the original.
+    """
+    new = copy.deepcopy(gm)
+    new.meta = dict(gm.meta)
+    new.__dict__.pop("train", None)
+    new.__dict__.pop("eval", None)
+    for node in new.graph.nodes:
+        for key, value in node.meta.items():
+            if dataclasses.is_dataclass(value) and not type(value).__dataclass_params__.frozen:
+                node.meta[key] = dataclasses.replace(value)
+    return new

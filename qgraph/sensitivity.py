@@ -102,9 +102,10 @@ class SensitivityReport:
 
     def to_text(self) -> str:
         head = f"fp32: {self.fp32_metric:.4g}   all {self.scheme}: {self.quantized_metric:.4g}"
-        rows = [[r.path, f"{r.metric_kept:.4g}", f"{r.delta:+.4g}", f"{r.metric_only_quantized:.4g}"] for r in self.layers]
-        headers = ["layer", f"only it {self.fallback}", "delta vs all quantized", f"only it {self.scheme}"]
-        return head + "\n" + tabulate(rows, headers=headers)
+        rows = [[r.path, r.metric_kept, r.delta, r.metric_only_quantized] for r in self.layers]
+        headers = ["layer", f"{self.fallback} here, rest {self.scheme}", "delta vs all quantized",
+                   f"{self.scheme} here, rest float"]  # fmt: skip
+        return head + "\n" + tabulate(rows, headers=headers, floatfmt=".4g")
 
 
 @dataclass(frozen=True)
@@ -295,13 +296,16 @@ def _backward(search: _Search, promoted: list[str], metric: float) -> tuple[list
 
 
 def _search_text(search: _Search, chosen: list[str], metric: float) -> str:
-    rows = [[t.step, ", ".join(t.layers) or "-", f"{t.metric:.4g}", f"{search.fp32 - t.metric:+.4g}",
-             "yes" if search.good(t.metric) else "no"] for t in search.tried]  # fmt: skip
+    rows = [
+        [t.step, ", ".join(t.layers) or "-", t.metric, search.fp32 - t.metric, "yes" if search.good(t.metric) else "no"]
+        for t in search.tried
+    ]
     head = (
         f"fp32: {search.fp32:.4g}   allowed loss: {search.allowed:.4g}   "
         f"chosen: {', '.join(chosen) or 'none'} at {scheme_label(search.fallback)} -> {metric:.4g}"
     )
-    table = tabulate(rows, headers=["step", f"layers at {scheme_label(search.fallback)}", "metric", "loss", "ok"])
+    headers = ["step", f"layers at {scheme_label(search.fallback)}", "metric", "loss vs fp32", "ok"]
+    table = tabulate(rows, headers=headers, floatfmt=".4g")
     return head + "\n" + table
 
 

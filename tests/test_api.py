@@ -38,6 +38,22 @@ def test_user_model_is_never_mutated(conv_bn_net, image_batch):
     assert not any(isinstance(m, FakeQuantize) for m in conv_bn_net.modules())
 
 
+def test_convert_shares_no_state_with_the_prepared_model(conv_bn_net, image_batch):
+    # convert switches its copy's simulated BN to the eval form (no live BN); the prepared
+    # model, converted while training, must keep switching between its own forms.
+    def live_bns(gm):
+        return sum(is_op(n, BATCH_NORM_OPS) for n in gm.graph.nodes)
+
+    p = qgraph.prepare_qat(conv_bn_net.train(), (image_batch,))
+    _train_steps(p, [image_batch])
+    assert live_bns(p) == 2  # one per conv in train form
+    qgraph.convert(p)
+    assert p.training and live_bns(p) == 2
+    assert live_bns(p.eval()) == 0
+    assert live_bns(p.train()) == 2
+    _train_steps(p, [image_batch])
+
+
 def test_prepared_model_trains_on_a_smaller_last_batch_and_serves_batch_1(conv_bn_net, image_batch):
     p = qgraph.prepare_qat(conv_bn_net.train(), (image_batch,))
     _train_steps(p, [image_batch, image_batch[:5]])  # last batch smaller than the example
@@ -133,6 +149,18 @@ def test_failed_export_leaves_existing_file_untouched(conv_bn_net, image_batch, 
         qgraph.export_onnx(q, (image_batch,), target)
     assert target.read_bytes() == b"previous"
     assert os.listdir(tmp_path) == ["m.onnx"]  # no temporary file left behind
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    # an atomic write goes through a private temporary file; the result must not stay 0600
+    from qgraph.files import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
 
 
 def test_calibrate_names_where_nan_first_appears(conv_bn_net, image_batch):

@@ -39,6 +39,15 @@ def test_runtimes_within_one_output_step(demo, runtime):
     assert demo.accuracy[key] >= demo.accuracy["QAT int8 converted"] - 0.5
 
 
+def test_low_bit_rows(demo):
+    acc = demo.accuracy
+    # W4A8 and W4A4 QAT recover to within one point of fp32 (measured: 99.50 and 99.24 vs 99.50).
+    # W3A4 does not yet (97.98): issue 3 tracks it, so it is only shown, not asserted.
+    assert acc["QAT W4A8 (converted)"] >= acc["fp32"] - 1.0
+    assert acc["QAT W4A4 (converted)"] >= acc["fp32"] - 1.0
+    assert "QAT W3A4 (converted)" in acc and "PTQ W3A4 (converted)" in acc
+
+
 def test_files_sizes_and_table(demo):
     assert demo.sizes["digits_int8.pte"] < demo.sizes["digits_fp32.pte"] / 2
     table = demo.table()
