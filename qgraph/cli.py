@@ -40,7 +40,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from qgraph.errors import QGraphError
+
+    try:
+        return _run(args)
+    except QGraphError as exc:  # a user error: say what to do, no traceback
+        parser.exit(2, f"qgraph {args.command}: error: {exc}\n")
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -22,7 +22,7 @@ import qgraph
 from qgraph.backends.executorch_emitter import write_pte
 from qgraph.backends.xnnpack import xnnpack_scheme
 from qgraph.models.digits import DigitsCNN, load_digits_split
-from qgraph.training import accuracy, batches, train_epochs
+from qgraph.training import accuracy, batches, train_epochs, train_qat
 
 
 @dataclass
@@ -73,18 +73,9 @@ LOW_BITS = ((4, 8), (4, 4), (3, 4))
 """(weight bits, activation bits) of the low-bit rows of the demo table."""
 
 
-def _qat(model, data, example, qat_epochs: int, progress: bool, config=None):
-    """QAT with the usual schedule: BN statistics frozen for the last two epochs, observers
-    for the last one."""
+def _qat(model, data, example, epochs: int, progress: bool, config=None):
     qat = qgraph.prepare_qat(model, example, config=config)
-
-    def schedule(epoch: int) -> None:
-        if epoch == qat_epochs - 2:
-            qgraph.freeze_bn_stats(qat)
-        if epoch == qat_epochs - 1:
-            qgraph.freeze_observers(qat)
-
-    train_epochs(qat, data.x_train, data.y_train, qat_epochs, lr=1e-3, on_epoch=schedule, desc="QAT", progress=progress)
+    train_qat(qat, data.x_train, data.y_train, epochs, qgraph.freeze_bn_stats, qgraph.freeze_observers, progress=progress)
     return qat.eval()
 
 

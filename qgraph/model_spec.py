@@ -1,10 +1,12 @@
 """Load a model from a short text spec, for the command line.
 
-* ``digits`` — the demo's digits CNN (random init), input ``1×1×8×8``;
+* ``digits`` — the demo's digits CNN (random init), input ``2×1×8×8``;
 * ``torchvision:NAME`` — a torchvision classification model (random init, 10 classes),
-  input ``1×3×224×224``;
+  input ``2×3×224×224``;
 * ``package.module:factory`` — any importable callable returning an ``nn.Module``; give
   ``--input-shape``.
+
+Default inputs have batch 2: with a batch of 1, torch.export would specialize the batch size.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def load_model_spec(spec: str, input_shape: tuple[int, ...] | None = None) -> tu
     if spec == "digits":
         from qgraph.models.digits import DigitsCNN
 
-        return DigitsCNN().eval(), torch.randn(*(input_shape or (1, 1, 8, 8)))
+        return DigitsCNN().eval(), torch.randn(*(input_shape or (2, 1, 8, 8)))
     if spec.startswith("torchvision:"):
         from qgraph.models.vision import build_torchvision
 
@@ -30,7 +32,7 @@ def load_model_spec(spec: str, input_shape: tuple[int, ...] | None = None) -> tu
             model = build_torchvision(spec.split(":", 1)[1])
         except ValueError as exc:
             raise ConfigError(f"model spec {spec!r}: {exc}") from exc
-        return model.eval(), torch.randn(*(input_shape or (1, 3, 224, 224)))
+        return model.eval(), torch.randn(*(input_shape or (2, 3, 224, 224)))
     module_name, _, attr = spec.partition(":")
     if not attr:
         raise ConfigError(

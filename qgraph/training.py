@@ -52,6 +52,32 @@ def train_epochs(
     return model
 
 
+def train_qat(
+    prepared: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    freeze_bn_stats: Callable[[nn.Module], object],
+    freeze_observers: Callable[[nn.Module], object],
+    lr: float = 1e-3,
+    progress: bool = True,
+) -> nn.Module:
+    """QAT with the usual schedule: BN statistics frozen for the last two epochs, observers
+    (ranges) for the last one, so the final epoch trains against fixed qparams.
+
+    The freeze functions are parameters so that the same recipe trains another flow's
+    prepared model (the tests run torchao's with it).
+    """
+
+    def schedule(epoch: int) -> None:
+        if epoch == epochs - 2:
+            freeze_bn_stats(prepared)
+        if epoch == epochs - 1:
+            freeze_observers(prepared)
+
+    return train_epochs(prepared, x, y, epochs, lr=lr, on_epoch=schedule, desc="QAT", progress=progress)
+
+
 @torch.no_grad()
 def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy in percent of ``predict`` (any callable returning logits)."""
