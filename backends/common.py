@@ -11,6 +11,7 @@ import torch.fx
 
 from qgraph.graph import CONV_OPS, DROPOUT_OPS, HARDTANH_OPS, LINEAR_OPS, RELU_OPS  # noqa: F401  (re-exported)
 from qgraph.rules import has_float_output
+from qgraph.specs import PerTensor, PerToken
 
 aten = torch.ops.aten
 
@@ -33,9 +34,12 @@ SHAPE_OPS = frozenset(
         aten.squeeze.dim,
         aten.squeeze.dims,
         aten.unsqueeze.default,
+        aten.contiguous.default,  # channel shuffle: view → transpose → contiguous → view
+        aten.slice.Tensor,  # channel split (chunk / split, see passes/chunk_to_slices.py)
     }
 )
 MATMUL_OPS = frozenset({aten.matmul.default, aten.bmm.default})
+EMBEDDING_OPS = frozenset({aten.embedding.default})
 
 
 def float_tensor_operands(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
@@ -63,6 +67,30 @@ def float_input(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | N
     """Unary ops are quantized only on float tensors."""
     return None if has_float_output(nodes[0].args[0]) else "input is not a float tensor"
 
+
+DYNAMIC_EPS = torch.finfo(torch.float32).eps
+"""Smallest scale of a dynamic range: the runtimes (XNNPACK's qd8, ONNX Runtime's
+``DynamicQuantizeLinear``) have no floor, so the reference uses float32's eps, which only an
+all-zero tensor reaches (2**-12, the static default, would coarsen every range below 0.06)."""
+
+DYNAMIC_CONV = (PerTensor,)
+DYNAMIC_LINEAR = (PerTensor, PerToken)
+"""Dynamic activation granularities of convs and linears. Per token (one range per row of
+the input) is for linears, whose rows are tokens or samples: XNNPACK's dynamic linear picks
+one range per row itself. A conv's input is quantized per tensor (XNNPACK: per image)."""
+
+def constant_table(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
+    """An embedding is quantized when its table is a float parameter, not a graph input."""
+    table = nodes[0].args[0]
+    if not isinstance(table, torch.fx.Node) or not has_float_output(table):
+        return "the table is not a float tensor"
+    if table.op == "placeholder":
+        return "the table is a graph input, not a parameter"
+    return None
+
+
+EMBEDDING = {0: "weight"}
+"""An embedding's only quantized edge is its table (weight-only; the indices are integers)."""
 
 WEIGHTED = {0: "act", 1: "weight", 2: "bias"}
 BINARY = {0: "act", 1: "act"}

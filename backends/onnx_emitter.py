@@ -3,6 +3,10 @@
 ``torch.onnx.export(dynamo=True)`` maps ``quantized_decomposed.quantize_per_*`` /
 ``dequantize_per_*`` to ``QuantizeLinear`` / ``DequantizeLinear``; ONNX Runtime's graph
 optimizer then fuses ``DQ → Conv → Q`` into integer kernels. The batch axis stays dynamic.
+
+Dynamic quantization has no ONNX translation in ``torch.onnx``; :func:`dynamic_translations`
+supplies them (see :mod:`qgraph.backends.onnx_dynamic`); group-wise int4 / int8 weights
+become opset-21 blocked ``DequantizeLinear`` (:mod:`qgraph.backends.onnx_lowbit`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from qgraph.backends.onnx_dynamic import dynamic_translations
+from qgraph.backends.onnx_lowbit import group_translations, needs_opset
 from qgraph.files import atomic_path
 
 
@@ -22,7 +28,14 @@ def write_onnx(model: torch.nn.Module, args: Sequence[Any], dynamic_shapes: Any,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            model, tuple(args), dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, optimize=True
+            model,
+            tuple(args),
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+            optimize=True,
+            custom_translation_table={**dynamic_translations(), **group_translations()},
+            opset_version=needs_opset(model),
         )
     with atomic_path(path) as tmp:
         program.save(str(tmp))

@@ -29,6 +29,11 @@ from qgraph.backends.common import (
     CAT_OPS,
     CONV_OPS,
     DROPOUT_OPS,
+    DYNAMIC_CONV,
+    DYNAMIC_EPS,
+    DYNAMIC_LINEAR,
+    EMBEDDING,
+    EMBEDDING_OPS,
     HARDSWISH_OPS,
     LINEAR_OPS,
     MATMUL_OPS,
@@ -37,12 +42,13 @@ from qgraph.backends.common import (
     PASS,
     SHAPE_OPS,
     WEIGHTED,
+    constant_table,
     constant_weight,
     float_input,
     float_tensor_operands,
 )
 from qgraph.rules import Backend, OpRule, QuantScheme
-from qgraph.specs import Int32Bias, PerChannel, QuantSpec
+from qgraph.specs import Int32Bias, PerChannel, PerTensor, PerToken, QuantSpec
 
 
 def x86_scheme(is_qat: bool = False, weight_bits: int = 7, act_bits: int = 8) -> QuantScheme:
@@ -66,11 +72,30 @@ def x86_scheme(is_qat: bool = False, weight_bits: int = 7, act_bits: int = 8) ->
     return QuantScheme(activation=act, weight=weight, bias=Int32Bias())
 
 
+def x86_dynamic_scheme(per_token: bool = False) -> QuantScheme:
+    """Dynamic x86: uint8 affine activations chosen per batch, 7-bit weights as in :func:`x86_scheme`.
+
+    This is ONNX Runtime's ``quantize_dynamic`` form: ``DynamicQuantizeLinear`` picks the uint8
+    range of each input at run time and ``MatMulInteger`` / ``ConvInteger`` multiply by the int8
+    weights; the bias is added in float after rescaling, so it is not quantized.
+    ``per_token=True`` picks one int8 range per row instead (the per-token ops are int8 only;
+    ONNX Runtime has no per-row integer kernel, so that form is exported as float math).
+    """
+    act = QuantSpec(
+        dtype=torch.int8 if per_token else torch.uint8,
+        symmetric=False,
+        granularity=PerToken() if per_token else PerTensor(),
+        dynamic=True,
+        eps=DYNAMIC_EPS,
+    )
+    return QuantScheme(activation=act, weight=x86_scheme().weight, bias=None)
+
+
 RULES: tuple[OpRule, ...] = (
     OpRule("conv_relu", (CONV_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
-    OpRule("conv", (CONV_OPS,), WEIGHTED, "act", constant_weight),
+    OpRule("conv", (CONV_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_CONV),
     OpRule("linear_relu", (LINEAR_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
-    OpRule("linear", (LINEAR_OPS,), WEIGHTED, "act", constant_weight),
+    OpRule("linear", (LINEAR_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_LINEAR),
     OpRule("matmul", (MATMUL_OPS,), BINARY, "act", float_tensor_operands),
     OpRule("add_relu", (ADD_OPS, ACTIVATION_OPS), BINARY, "act", float_tensor_operands),
     OpRule("add", (ADD_OPS,), BINARY, "act", float_tensor_operands),
@@ -82,6 +107,7 @@ RULES: tuple[OpRule, ...] = (
     OpRule("activation", (ACTIVATION_OPS,), PASS, "shared"),
     OpRule("shape", (SHAPE_OPS,), PASS, "shared"),
     OpRule("dropout", (DROPOUT_OPS,), PASS, "shared"),
+    OpRule("embedding", (EMBEDDING_OPS,), EMBEDDING, None, constant_table, needs_weight_only=True),
 )
 
-X86 = Backend(name="x86", rules=RULES, default_scheme=x86_scheme)
+X86 = Backend(name="x86", rules=RULES, default_scheme=x86_scheme, dynamic_scheme=x86_dynamic_scheme)

@@ -27,6 +27,11 @@ from qgraph.backends.common import (
     CAT_OPS,
     CONV_OPS,
     DROPOUT_OPS,
+    DYNAMIC_CONV,
+    DYNAMIC_EPS,
+    DYNAMIC_LINEAR,
+    EMBEDDING,
+    EMBEDDING_OPS,
     HARDSWISH_OPS,
     LINEAR_OPS,
     MAX_POOL_OPS,
@@ -34,12 +39,13 @@ from qgraph.backends.common import (
     PASS,
     SHAPE_OPS,
     WEIGHTED,
+    constant_table,
     constant_weight,
     float_input,
     float_tensor_operands,
 )
 from qgraph.rules import Backend, OpRule, QuantScheme
-from qgraph.specs import PerChannel, QuantSpec
+from qgraph.specs import PerChannel, PerTensor, PerToken, QuantSpec
 
 def xnnpack_scheme(is_qat: bool = False, weight_bits: int = 8, act_bits: int = 8) -> QuantScheme:
     """The XNNPACK int8 scheme; QAT tracks activations with a moving average (c = 0.01).
@@ -66,11 +72,29 @@ def xnnpack_scheme(is_qat: bool = False, weight_bits: int = 8, act_bits: int = 8
     return QuantScheme(activation=act, weight=weight, bias=None)
 
 
+def xnnpack_dynamic_scheme(per_token: bool = False) -> QuantScheme:
+    """Dynamic int8: weights as in :func:`xnnpack_scheme`, activations int8 affine chosen per batch.
+
+    The activation range is that of each input tensor (``PerTensor``, as ExecuTorch's
+    ``get_symmetric_quantization_config(is_dynamic=True)``) or of each row of a linear's input
+    (``per_token=True``); the output and bias stay float. XNNPACK runs these as its ``qd8``
+    kernels, which choose one range per row of a linear's input and per image of a conv's.
+    """
+    act = QuantSpec(
+        dtype=torch.int8,
+        symmetric=False,
+        granularity=PerToken() if per_token else PerTensor(),
+        dynamic=True,
+        eps=DYNAMIC_EPS,
+    )
+    return QuantScheme(activation=act, weight=xnnpack_scheme().weight, bias=None)
+
+
 RULES: tuple[OpRule, ...] = (
     OpRule("conv_relu", (CONV_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
-    OpRule("conv", (CONV_OPS,), WEIGHTED, "act", constant_weight),
+    OpRule("conv", (CONV_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_CONV),
     OpRule("linear_relu", (LINEAR_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
-    OpRule("linear", (LINEAR_OPS,), WEIGHTED, "act", constant_weight),
+    OpRule("linear", (LINEAR_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_LINEAR),
     OpRule("add_relu", (ADD_OPS, ACTIVATION_OPS), BINARY, "act", float_tensor_operands),
     OpRule("add", (ADD_OPS,), BINARY, "act", float_tensor_operands),
     OpRule("mul_relu", (MUL_OPS, ACTIVATION_OPS), BINARY, "act", float_tensor_operands),
@@ -82,6 +106,13 @@ RULES: tuple[OpRule, ...] = (
     OpRule("activation", (ACTIVATION_OPS,), PASS, "shared"),
     OpRule("shape", (SHAPE_OPS,), PASS, "shared"),
     OpRule("dropout", (DROPOUT_OPS,), PASS, "shared"),
+    OpRule("embedding", (EMBEDDING_OPS,), EMBEDDING, None, constant_table, needs_weight_only=True),
 )
 
-XNNPACK = Backend(name="xnnpack", rules=RULES, default_scheme=xnnpack_scheme)
+XNNPACK = Backend(
+    name="xnnpack",
+    rules=RULES,
+    default_scheme=xnnpack_scheme,
+    dynamic_scheme=xnnpack_dynamic_scheme,
+    dynamic_linear_per_token=True,
+)

@@ -6,11 +6,14 @@ import torch
 from torch import nn
 
 
-def build_torchvision(name: str, num_classes: int = 10, seed: int = 0) -> nn.Module:
-    """``torchvision.models.<name>(num_classes=...)`` with seeded random weights."""
+def build_torchvision(name: str, num_classes: int = 10, seed: int = 0, **kwargs) -> nn.Module:
+    """``torchvision.models.<name>(num_classes=..., **kwargs)`` with seeded random weights.
+
+    ``kwargs`` go to the model's builder, e.g. ``image_size=64`` for a vision transformer.
+    """
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(f"unknown torchvision classification model {name!r}")
     torch.manual_seed(seed)
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)

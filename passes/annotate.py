@@ -7,6 +7,15 @@ annotated yet. The anchor's inputs get specs by role (see :mod:`qgraph.rules`); 
 node of the chain gets the output spec; the followers carry an annotation with no specs,
 which marks them as fused (no quantizer inside the chain).
 
+With a dynamic scheme (``scheme.is_dynamic``) only rules that list the activation's
+granularity in ``OpRule.dynamic`` match (conv, linear); their ``"act"`` inputs get the
+dynamic spec and their output stays float.
+
+A *dynamic* scheme quantizes only the inputs of rules with a dynamic form (conv, linear) and
+leaves outputs float; a *weight-only* scheme (``activation=None``) only the weights of rules
+that have one (linear, embedding). A weight spec that cannot apply to a given weight (per-group
+scales whose group size does not divide the input features) is a refusal with that reason.
+
 Why a node was not matched is recorded per rule; ``debug_node="conv2d_3"`` (or env
 ``QGRAPH_DEBUG_NODE``) logs that list, and ``strict`` config turns an unquantized conv or
 linear into an error.
@@ -27,7 +36,16 @@ from qgraph.errors import UnsupportedOperatorError, describe_node
 from qgraph.graph import CONV_OPS, LINEAR_OPS, is_op, single_user
 from qgraph.pass_manager import Pass, PassResult
 from qgraph.rules import Backend, OpRule, QuantScheme, has_float_output
-from qgraph.specs import ANNOTATION_KEY, AnySpec, DerivedSpec, Int32Bias, QuantAnnotation, SharedSpec
+from qgraph.specs import (
+    ANNOTATION_KEY,
+    AnySpec,
+    DerivedSpec,
+    Int32Bias,
+    PerGroup,
+    QuantAnnotation,
+    QuantSpec,
+    SharedSpec,
+)
 
 log = logging.getLogger("qgraph.annotate")
 
@@ -88,6 +106,16 @@ class Annotate(Pass):
         scheme = None if anchor.name in self.kept_float else self.config.scheme_for(anchor, self.default)
         if scheme is None:
             return self._refuse(anchor, rule, "the config keeps this node in float (scheme None)")
+        if scheme.is_dynamic and type(scheme.activation.granularity) not in rule.dynamic:
+            granularity = type(scheme.activation.granularity).__name__
+            why = f"no dynamic form with {granularity} activations" if rule.dynamic else "no dynamic form"
+            return self._refuse(anchor, rule, f"{why} (dynamic quantization covers layers with a constant weight)")
+        if scheme.is_weight_only and "weight" not in rule.inputs.values():
+            return self._refuse(anchor, rule, "a weight-only scheme quantizes only layers with a weight")
+        if rule.needs_weight_only and not scheme.is_weight_only:
+            return self._refuse(
+                anchor, rule, "quantized only by a weight-only scheme (activation=None), e.g. qgraph.embedding_weight_only()"
+            )
         if rule.check is not None:
             reason = rule.check(gm, chain)
             if reason:
@@ -97,7 +125,9 @@ class Annotate(Pass):
             return self._refuse(anchor, rule, inputs)
         last = chain[-1]
         output: AnySpec | None = None
-        if rule.output == "act":
+        if scheme.is_dynamic or scheme.is_weight_only:
+            pass  # float output: a dynamic layer's consumer picks its own range at run time
+        elif rule.output == "act":
             output = scheme.activation
         elif rule.output == "shared":
             first = _first_tensor_input(anchor)
@@ -127,8 +157,12 @@ class Annotate(Pass):
             if not isinstance(arg, torch.fx.Node):
                 continue
             if role == "act":
-                specs[arg.name] = scheme.activation
+                if scheme.activation is not None:  # weight-only: the input stays float
+                    specs[arg.name] = scheme.activation
             elif role == "weight":
+                misfit = _weight_misfit(arg, scheme.weight)
+                if misfit:
+                    return misfit
                 specs[arg.name] = scheme.weight
             elif role == "bias":
                 if isinstance(scheme.bias, Int32Bias):
@@ -164,6 +198,21 @@ class Annotate(Pass):
             if self.config.strict:
                 raise UnsupportedOperatorError(msg)
             warnings.warn(msg, stacklevel=2)
+
+
+def _weight_misfit(weight: torch.fx.Node, spec: QuantSpec) -> str | None:
+    """Why ``spec`` cannot quantize this weight, or None: per-group scales need a 2-D weight
+    whose last dimension (a linear's ``in_features``) is a multiple of the group size."""
+    if not isinstance(spec.granularity, PerGroup):
+        return None
+    val = weight.meta.get("val")
+    shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
+    size = spec.granularity.group_size
+    if shape is None or len(shape) != 2:
+        return f"group-wise weights need a 2-D weight (linear, embedding), '{weight.name}' has shape {shape}"
+    if shape[1] % size:
+        return f"weight '{weight.name}' {list(shape)}: {shape[1]} input features are not a multiple of group size {size}"
+    return None
 
 
 def _follow(producer: torch.fx.Node) -> SharedSpec | None:

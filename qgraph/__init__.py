@@ -22,6 +22,11 @@ from qgraph.errors import (
 )
 from qgraph.config import first_last_float
 from qgraph.coverage import coverage
+from qgraph.dynamic import dynamic_config, dynamic_scheme, quantize_dynamic
+from qgraph.histogram import HistogramObserver
+from qgraph.learnable import LearnableFakeQuantize
+from qgraph.lora import add_lora, lora_parameters, merge_lora
+from qgraph.presets import histogram_ptq, learnable_qat
 from qgraph.modes import eval_mode, freeze_bn_stats, freeze_observers, train_mode
 from qgraph.rules import QuantScheme
 from qgraph.specs import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
@@ -30,6 +35,9 @@ from qgraph.specs import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 # ``qgraph.compare`` etc. are the functions (the modules stay in ``sys.modules``).
 from qgraph.compare import LayerError, LayerErrorReport, plot_layer_histograms  # noqa: E402
 from qgraph.compare import compare  # noqa: E402
+from qgraph.check import CheckReport  # noqa: E402
+from qgraph.check import check  # noqa: E402
+from qgraph.lower import lower  # noqa: E402
 from qgraph.report import write_report  # noqa: E402
 from qgraph.sensitivity import MixedPrecisionResult, SensitivityReport, auto_mixed_precision  # noqa: E402
 from qgraph.sensitivity import sensitivity  # noqa: E402
@@ -51,7 +59,20 @@ __all__ = [
     "freeze_observers",
     "freeze_bn_stats",
     "coverage",
+    "quantize_dynamic",
+    "add_lora",
+    "merge_lora",
+    "lora_parameters",
+    "histogram_ptq",
+    "learnable_qat",
+    "HistogramObserver",
+    "LearnableFakeQuantize",
+    "dynamic_config",
+    "dynamic_scheme",
     "compare",
+    "lower",
+    "check",
+    "CheckReport",
     "LayerError",
     "LayerErrorReport",
     "plot_layer_histograms",

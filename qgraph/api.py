@@ -22,7 +22,9 @@ from qgraph.errors import ConfigError
 from qgraph.graph import copy_graph_module
 from qgraph.modes import bind_mode_methods, eval_mode, train_mode
 from qgraph.pass_manager import PassManager
+from qgraph.passes.add_lora import LORA_KEY
 from qgraph.passes.annotate import Annotate
+from qgraph.passes.chunk_to_slices import ChunkToSlices
 from qgraph.passes.fold_bn import FoldBn
 from qgraph.passes.fold_conv_bn import FoldConvBn
 from qgraph.passes.freeze_qparams import FreezeQparams
@@ -31,6 +33,7 @@ from qgraph.passes.insert_quantizers import InsertQuantizers
 from qgraph.passes.quantize_weights import QuantizeWeights
 from qgraph.passes.remove_dropout import RemoveDropout
 from qgraph.passes.resolve_specs import ResolveSpecs
+from qgraph.passes.stochastic_depth import StochasticDepth
 
 PREPARED_KEY = "qgraph_prepared"
 CONVERTED_KEY = "qgraph_converted"
@@ -50,11 +53,23 @@ def _prepare(model, example_inputs, backend, config, dump_dir, debug_node, is_qa
     if config is not None and not isinstance(config, QConfig):
         raise ConfigError(f"config must be a qgraph.QConfig or None, got {type(config).__name__}")
     _check_operators(config, rules)
+    if isinstance(model, torch.fx.GraphModule) and model.meta.get(LORA_KEY):
+        raise ConfigError(
+            "this graph already has LoRA adapters; prepare the base model first and add adapters after: "
+            "qgraph.add_lora(qgraph.prepare_qat(model, example_inputs), ...)"
+        )
     gm, training = _graph_of(model, example_inputs)
     if not is_qat:
         eval_mode(gm)
     fuse = FuseConvBnQat() if is_qat else FoldConvBn()
-    passes = [fuse, Annotate(rules, is_qat, config, debug_node), ResolveSpecs(), InsertQuantizers(is_qat)]
+    passes = [
+        StochasticDepth(),
+        ChunkToSlices(),
+        fuse,
+        Annotate(rules, is_qat, config, debug_node),
+        ResolveSpecs(),
+        InsertQuantizers(is_qat),
+    ]
     gm = PassManager(passes, dump_dir=dump_dir, stage="prepare_qat" if is_qat else "prepare_ptq")(gm)
     gm.meta[PREPARED_KEY] = {"backend": rules.name, "qat": is_qat}
     bind_mode_methods(gm)

@@ -46,7 +46,9 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_shapes: Any = None) -
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"model must be an nn.Module, got {type(model).__name__}")
-    args = as_args(example_inputs)
+    # A strided view (a window of a longer tensor) would make the exported guards depend on
+    # its strides, and exporting the captured graph again then fails inside torch.export.
+    args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in as_args(example_inputs))
     shapes = batch_dynamic_shapes(args) if dynamic_shapes is None else dynamic_shapes
     private = copy.deepcopy(model)  # the exported module would alias the model's tensors
     try:

@@ -433,6 +433,22 @@ def _split_first(batches: Iterable[Any]) -> tuple[tuple, Iterable[Any]]:
     return as_args(first), itertools.chain([first], it)
 
 
+def _refuse_dynamic(gm: torch.fx.GraphModule) -> None:
+    """Dynamic activations have a new grid every batch; the SQNR tables assume a fixed one."""
+    from qgraph.observers import DynamicQuantizer
+    from qgraph.qdq_ops import CHOOSE_QPARAMS_OPS
+
+    for node in gm.graph.nodes:
+        dynamic = is_op(node, CHOOSE_QPARAMS_OPS) or (
+            node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), DynamicQuantizer)
+        )
+        if dynamic:
+            raise ConfigError(
+                f"compare() does not handle dynamically quantized activations yet (node '{node.name}' picks its "
+                "range per batch); compare the model's output with the float one, or use static PTQ for this report"
+            )
+
+
 @dataclass
 class _Setup:
     float_gm: torch.fx.GraphModule
@@ -445,6 +461,7 @@ class _Setup:
 def _setup(model: nn.Module, quantized: torch.fx.GraphModule, batches: Iterable[Any]) -> _Setup:
     if not isinstance(quantized, torch.fx.GraphModule):
         raise ConfigError("pass the model returned by qgraph.prepare_ptq / prepare_qat or qgraph.convert")
+    _refuse_dynamic(quantized)
     example, batches = _split_first(batches)
     quant_gm = _private_copy(quantized)
     float_gm = _float_graph(model, example)

@@ -23,7 +23,7 @@ from tabulate import tabulate
 from qgraph.graph import CONV_OPS, LINEAR_OPS, module_path
 from qgraph.observers import QUANTIZER_TYPES
 from qgraph.passes.annotate import REFUSALS_KEY
-from qgraph.qdq_ops import DEQUANTIZE_OPS
+from qgraph.qdq_ops import DEQUANTIZE_OPS, DYNAMIC_DEQUANTIZE_OPS
 
 aten = torch.ops.aten
 MATMUL_OPS = frozenset({aten.matmul.default, aten.bmm.default, aten.mm.default})
@@ -87,7 +87,7 @@ def _is_quantized_input(gm: torch.fx.GraphModule, arg: object) -> bool:
         return False
     if arg.op == "call_module":
         return isinstance(gm.get_submodule(str(arg.target)), QUANTIZER_TYPES)
-    return arg.op == "call_function" and arg.target in DEQUANTIZE_OPS
+    return arg.op == "call_function" and arg.target in DEQUANTIZE_OPS | DYNAMIC_DEQUANTIZE_OPS
 
 
 def coverage(model: torch.fx.GraphModule, pte_report=None) -> CoverageReport:

@@ -15,6 +15,8 @@ from qgraph.backends import executorch_emitter, onnx_emitter
 from qgraph.backends.executorch_emitter import PteReport
 from qgraph.capture import as_args, batch_dynamic_shapes
 from qgraph.errors import ConfigError
+from qgraph.graph import copy_graph_module
+from qgraph.pass_manager import PassManager
 
 
 def _check_converted(model: torch.nn.Module) -> None:
@@ -25,27 +27,69 @@ def _check_converted(model: torch.nn.Module) -> None:
 def export_pte(quantized: torch.nn.Module, example_inputs: Any, path: str | os.PathLike) -> PteReport:
     """Lower ``quantized`` to ExecuTorch with the XNNPACK delegate and write ``path``.
 
+    Both backends' models export: an x86 model is first rewritten by
+    :func:`lower_for_xnnpack` (uint8 → int8 activations, float biases), which changes no
+    output value.
+
     Returns a :class:`PteReport` (size, and the ops inside and outside the delegate). The
     program has the static shapes of ``example_inputs``.
     """
     _check_converted(quantized)
-    backend = getattr(quantized, "meta", {}).get("qgraph_converted", {}).get("backend", "xnnpack")
-    if backend != "xnnpack":
-        raise ConfigError(
-            f"export_pte: this model was quantized for backend '{backend}', whose uint8 / int32-bias "
-            "kernels ExecuTorch's XNNPACK delegate does not run yet; prepare it with backend='xnnpack' "
-            "for a .pte, or use export_onnx for this one"
-        )
+    if isinstance(quantized, torch.fx.GraphModule):
+        from qgraph.passes.add_lora import pte_blocker
+
+        if (why := pte_blocker(quantized)) is not None:
+            raise ConfigError(f"export_pte: {why}")
+        from qgraph.backends.executorch_lowbit import group_weight_blocker
+
+        if (why := group_weight_blocker(quantized)) is not None:
+            raise ConfigError(f"export_pte: {why}")
+        quantized = lower_for_xnnpack(quantized)
     args = as_args(example_inputs)
     program = torch.export.export(quantized, args)
     return executorch_emitter.write_pte(program, path)
 
 
+def lower_for_xnnpack(quantized: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``quantized`` in the int8 form ExecuTorch's XNNPACK delegate runs.
+
+    uint8 activations (x86 scheme) become the same grid in int8 (zero point - 128), and
+    int32 biases become the float biases the delegate quantizes itself with the same scale:
+    both exact, so the ``.pte`` computes what the converted model does. Quantized embedding
+    tables become ExecuTorch's ``embedding_byte`` / ``embedding_4bit`` kernels (same values).
+    A model quantized for XNNPACK passes through unchanged.
+    """
+    from qgraph.passes.fold_bias_dequantize import FoldBiasDequantize
+    from qgraph.backends.executorch_lowbit import UseEmbeddingKernels
+    from qgraph.passes.shift_uint8_to_int8 import ShiftUint8ToInt8
+
+    passes = [ShiftUint8ToInt8(), FoldBiasDequantize(), UseEmbeddingKernels()]
+    return PassManager(passes, stage="export_pte")(copy_graph_module(quantized))
+
+
 def export_onnx(quantized: torch.nn.Module, example_inputs: Any, path: str | os.PathLike) -> str:
-    """Write ``quantized`` as an ONNX QDQ model with a dynamic batch axis; returns the path."""
+    """Write ``quantized`` as an ONNX QDQ model with a dynamic batch axis; returns the path.
+
+    Dynamically quantized linears and convs are written in ONNX Runtime's
+    ``quantize_dynamic`` form (``DynamicQuantizeLinear`` + ``MatMulInteger`` /
+    ``ConvInteger``), see :func:`lower_for_onnx`.
+    """
     _check_converted(quantized)
+    if isinstance(quantized, torch.fx.GraphModule):
+        quantized = lower_for_onnx(quantized)
     args = as_args(example_inputs)
     return onnx_emitter.write_onnx(quantized, args, batch_dynamic_shapes(args), path)
+
+
+def lower_for_onnx(quantized: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``quantized`` whose dynamic layers are single integer ops (same outputs).
+
+    The ONNX emitter writes them as ``DynamicQuantizeLinear → MatMulInteger / ConvInteger``;
+    a model without dynamic layers passes through unchanged.
+    """
+    from qgraph.passes.lower_dynamic_to_integer import LowerDynamicToInteger
+
+    return PassManager([LowerDynamicToInteger()], stage="export_onnx")(copy_graph_module(quantized))
 
 
 def load_pte(path: str | os.PathLike) -> Callable[..., Any]:

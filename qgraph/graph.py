@@ -13,6 +13,8 @@ import torch
 import torch.fx
 from torch.fx.traceback import NodeSource, NodeSourceAction
 
+from qgraph.stochastic_depth import STOCHASTIC_DEPTH
+
 aten = torch.ops.aten
 
 CONV_OPS = frozenset({aten.conv1d.default, aten.conv2d.default})
@@ -20,7 +22,9 @@ LINEAR_OPS = frozenset({aten.linear.default})
 BATCH_NORM_OPS = frozenset({aten.batch_norm.default})
 RELU_OPS = frozenset({aten.relu.default, aten.relu_.default})
 HARDTANH_OPS = frozenset({aten.hardtanh.default, aten.hardtanh_.default})
-DROPOUT_OPS = frozenset({aten.dropout.default, aten.dropout_.default})
+DROPOUT_OPS = frozenset({aten.dropout.default, aten.dropout_.default, STOCHASTIC_DEPTH})
+"""Ops that are the identity in eval mode and take ``(x, p, train, ...)``: mode switches flip
+``train``, convert removes them. Stochastic depth is a dropout of whole residual branches."""
 
 PROVENANCE_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn")
 

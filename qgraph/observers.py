@@ -12,7 +12,13 @@ Range update rules (``spec.observer``):
 * ``minmax``: ``min_val = min(min_val, x.min())`` — every value ever seen.
 * ``moving_average_minmax``: ``min_val += c * (x.min() - min_val)`` with ``c =
   spec.averaging_constant``; the first batch sets the range. Per-channel specs reduce over
-  every dimension but ``axis``.
+  every dimension but ``axis``; per-group specs over each group of ``group_size`` elements
+  of the last dimension.
+* ``histogram``: :class:`qgraph.histogram.HistogramObserver` (PTQ) keeps a histogram and picks
+  the range by percentile, least MSE or least KL divergence.
+
+``spec.learnable`` makes QAT use :class:`qgraph.learnable.LearnableFakeQuantize` (LSQ);
+:func:`qgraph.quantizers.make_quantizer` picks the class for a spec.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qgraph.qdq_ops import dynamic_fake_quantize
 from qgraph.qparams import fake_quantize, qparams_from_range
-from qgraph.specs import DerivedSpec, QuantSpec
+from qgraph.errors import ConfigError
+from qgraph.specs import DerivedSpec, PerGroup, QuantSpec
 
 
 def _reduce_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,8 +38,21 @@ def _reduce_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
         axis = spec.granularity.axis % x.dim()  # type: ignore[union-attr]
         flat = x.transpose(0, axis).reshape(x.shape[axis], -1)
         return torch.aminmax(flat, dim=1)
+    if isinstance(spec.granularity, PerGroup):
+        return torch.aminmax(_groups(x, spec.granularity.group_size), dim=-1)
     lo, hi = torch.aminmax(x)
     return lo.reshape(1), hi.reshape(1)
+
+
+def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x`` viewed as ``[..., last // group_size, group_size]``: per-group ranges are
+    ``[..., last // group_size]`` (``[out, in // group_size]`` for a linear weight)."""
+    if x.dim() == 0 or x.shape[-1] % group_size:
+        raise ConfigError(
+            f"a per-group spec with group_size={group_size} got a tensor of shape {tuple(x.shape)}: "
+            f"its last dimension must be a multiple of {group_size}; choose a group size that divides it"
+        )
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
 
 
 class _RangeTracker(nn.Module):
@@ -46,7 +67,9 @@ class _RangeTracker(nn.Module):
         self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
 
     def _update_range(self, x: torch.Tensor) -> None:
-        lo, hi = _reduce_range(x, self.spec)
+        self._merge_range(*_reduce_range(x, self.spec))
+
+    def _merge_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if self.min_val.numel() == 0:
             self.min_val = lo.clone()
             self.max_val = hi.clone()
@@ -86,15 +109,23 @@ class Observer(_RangeTracker):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled.item():
-            if not torch.isfinite(x).all():
-                from qgraph.errors import CalibrationError
-
-                raise CalibrationError(
-                    f"NaN or inf reached the observer of {self.point or 'a node'} during calibration; "
-                    "check the calibration data and the layers before this node"
-                )
-            self._update_range(x)
+            lo, hi = _reduce_range(x, self.spec)
+            # min and max propagate NaN and show inf, so checking them finds any non-finite
+            # value at no extra pass over x
+            if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+                raise non_finite_error(self.point)
+            self._merge_range(lo, hi)
         return x
+
+
+def non_finite_error(point: str) -> Exception:
+    """The error every PTQ observer raises when NaN or inf reaches it."""
+    from qgraph.errors import CalibrationError
+
+    return CalibrationError(
+        f"NaN or inf reached the observer of {point or 'a node'} during calibration; "
+        "check the calibration data and the layers before this node"
+    )
 
 
 class FakeQuantize(_RangeTracker):
@@ -160,4 +191,31 @@ class DerivedQuantizer(nn.Module):
         return f"{str(self.spec.dtype).replace('torch.', '')} bias, scale = product of {len(self._sources)} scales"
 
 
-QUANTIZER_TYPES = (Observer, FakeQuantize, DerivedQuantizer)
+class DynamicQuantizer(nn.Module):
+    """Quantizer of a dynamic activation: qparams are chosen per batch at run time.
+
+    Nothing is observed, so a dynamic model needs no calibration. In PTQ it passes values
+    through (the prepared model stays float, as observers do); with ``fake_quant=True`` (QAT)
+    it quantizes every batch with that batch's own range — the ops ``convert`` emits, see
+    :func:`qgraph.qdq_ops.dynamic_fake_quantize`.
+    """
+
+    has_range = True  # qparams come from the data at run time: always "ready" for convert
+
+    def __init__(self, spec: QuantSpec, fake_quant: bool = False, point: str = "") -> None:
+        super().__init__()
+        self.spec = spec
+        self.point = point
+        self.fake_quant = fake_quant
+
+    def freeze(self) -> None:
+        """Nothing to freeze: there is no running range."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dynamic_fake_quantize(x, self.spec) if self.fake_quant else x
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.short()}, qparams per batch"
+
+
+QUANTIZER_TYPES = (Observer, FakeQuantize, DerivedQuantizer, DynamicQuantizer)

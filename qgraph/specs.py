@@ -31,8 +31,10 @@ import torch
 
 from qgraph.errors import ConfigError
 
-ObserverKind = Literal["minmax", "moving_average_minmax"]
-_OBSERVERS = ("minmax", "moving_average_minmax")
+ObserverKind = Literal["minmax", "moving_average_minmax", "histogram"]
+_OBSERVERS = ("minmax", "moving_average_minmax", "histogram")
+RangeMethod = Literal["percentile", "mse", "entropy"]
+_RANGE_METHODS = ("percentile", "mse", "entropy")
 _DTYPE_RANGES = {
     torch.int8: (-128, 127),
     torch.uint8: (0, 255),
@@ -55,9 +57,18 @@ class PerChannel:
 
 @dataclass(frozen=True)
 class PerGroup:
-    """One scale per ``group_size`` consecutive elements of the last dimension."""
+    """One scale per ``group_size`` consecutive elements of the last dimension.
+
+    For a linear weight ``[out, in]`` the scales have shape ``[out, in // group_size]``
+    (ExecuTorch's and torchao's ``per_channel_group`` layout); ``in`` must be a multiple of
+    ``group_size``, which the annotate pass checks per layer.
+    """
 
     group_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ConfigError(f"PerGroup.group_size={self.group_size!r} must be an integer of at least 2")
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,13 @@ class QuantSpec:
     ``[-2**(bits-1), 2**(bits-1)-1]`` for signed and ``[0, 2**bits-1]`` for unsigned dtypes.
     ``narrow_range`` drops the most negative value (int8 weights in ``[-127, 127]``) so
     that a symmetric range is symmetric. ``eps`` is the smallest scale an observer returns.
+
+    ``observer="histogram"`` (per-tensor, static) keeps a histogram of every calibration
+    value and picks the range by ``range_method``: ``"mse"`` (default: least expected squared
+    error), ``"entropy"`` (least KL divergence, TensorRT's calibration) or ``"percentile"``
+    (clip at the ``percentile``-th percentile, default 99.99); see :mod:`qgraph.histogram`.
+    ``learnable=True`` makes QAT learn scale (and zero point for affine specs) by LSQ, starting
+    from the first batch's range; see :mod:`qgraph.learnable`.
     """
 
     dtype: torch.dtype = torch.int8
@@ -88,8 +106,16 @@ class QuantSpec:
     averaging_constant: float = 0.01
     eps: float = 2.0**-12
     learnable: bool = False
+    range_method: RangeMethod | None = None
+    percentile: float | None = None
+    scale_dtype: torch.dtype = torch.float32
+    """Scales are rounded to this dtype (kept in float32): ``torch.bfloat16`` for XNNPACK's
+    int4 group-wise weights, whose kernels store group scales in bf16, so that the converted
+    graph computes with exactly the scales the runtime will use."""
 
     def __post_init__(self) -> None:
+        if self.scale_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ConfigError(f"QuantSpec.scale_dtype={self.scale_dtype} must be float32, bfloat16 or float16")
         if self.dtype not in _DTYPE_RANGES:
             raise ConfigError(
                 f"QuantSpec.dtype={self.dtype} is not supported; use one of "
@@ -106,6 +132,11 @@ class QuantSpec:
             raise ConfigError(f"QuantSpec.eps={self.eps} must be positive")
         if self.narrow_range and not self.symmetric:
             raise ConfigError("QuantSpec.narrow_range=True only makes sense with symmetric=True")
+        if self.dynamic:
+            _check_dynamic(self)
+        _check_histogram(self)
+        if self.learnable and self.dynamic:
+            raise ConfigError("QuantSpec.learnable=True with dynamic=True: a dynamic range is chosen per batch, not learned")
 
     @property
     def quant_min(self) -> int:
@@ -131,8 +162,62 @@ class QuantSpec:
         gran = type(self.granularity).__name__
         if isinstance(self.granularity, PerChannel):
             gran += f"(axis={self.granularity.axis})"
+        elif isinstance(self.granularity, PerGroup):
+            gran += f"({self.granularity.group_size})"
         extra = " dynamic" if self.dynamic else ""
         return f"{self.dtype}[{self.quant_min},{self.quant_max}] {kind} {gran}{extra}".replace("torch.", "")
+
+
+def _check_dynamic(spec: QuantSpec) -> None:
+    """Dynamic specs are what the runtimes quantize per batch: 8-bit affine, per tensor or per token.
+
+    XNNPACK's dynamic kernels and ONNX Runtime's ``DynamicQuantizeLinear`` both compute an
+    8-bit affine range at run time; any other choice would be a graph no runtime executes
+    as written.
+    """
+    if spec.dtype not in (torch.int8, torch.uint8):
+        raise ConfigError(f"QuantSpec.dtype={spec.dtype} with dynamic=True: dynamic activations are int8 or uint8")
+    if spec.bits != 8:
+        raise ConfigError(f"QuantSpec.bits={spec.bits} with dynamic=True: runtimes quantize dynamic activations to 8 bits")
+    if spec.symmetric:
+        raise ConfigError("QuantSpec.symmetric=True with dynamic=True: dynamic activations are affine (symmetric=False)")
+    if not isinstance(spec.granularity, (PerTensor, PerToken)):
+        raise ConfigError(
+            f"QuantSpec.granularity={type(spec.granularity).__name__}() with dynamic=True: "
+            "use PerTensor() or PerToken()"
+        )
+    if isinstance(spec.granularity, PerToken) and spec.dtype != torch.int8:
+        raise ConfigError(
+            f"QuantSpec.dtype={spec.dtype} with PerToken dynamic activations: per-token ranges are "
+            "int8 (quantized_decomposed.choose_qparams_per_token_asymmetric, XNNPACK's qd8)"
+        )
+
+
+def _check_histogram(spec: QuantSpec) -> None:
+    """The histogram observer's fields: only with ``observer="histogram"``, and only where a
+    histogram can choose the range (one static range per tensor)."""
+    if spec.range_method is not None and spec.observer != "histogram":
+        raise ConfigError(
+            f"QuantSpec.range_method={spec.range_method!r} needs observer='histogram' (got observer={spec.observer!r})"
+        )
+    if spec.range_method is not None and spec.range_method not in _RANGE_METHODS:
+        raise ConfigError(f"QuantSpec.range_method={spec.range_method!r} must be one of {_RANGE_METHODS}")
+    if spec.percentile is not None:
+        if spec.range_method != "percentile":
+            raise ConfigError(
+                f"QuantSpec.percentile={spec.percentile} needs range_method='percentile' (got {spec.range_method!r})"
+            )
+        if not 50.0 < spec.percentile <= 100.0:
+            raise ConfigError(f"QuantSpec.percentile={spec.percentile} must be in (50, 100]")
+    if spec.observer != "histogram":
+        return
+    if not isinstance(spec.granularity, PerTensor):
+        raise ConfigError(
+            f"QuantSpec.observer='histogram' with granularity={type(spec.granularity).__name__}(): the histogram "
+            "observer picks one range per tensor; use PerTensor() or observer='minmax'"
+        )
+    if spec.dynamic:
+        raise ConfigError("QuantSpec.observer='histogram' with dynamic=True: a dynamic spec observes nothing")
 
 
 Edge = tuple[str, str]

@@ -15,8 +15,8 @@ def test_inspect_writes_dumps_and_report_and_prints_where(tmp_path, capsys):
     assert f"report: {report}" in out and report.is_file()
     # one text dump per prepare pass, in pipeline order
     names = sorted(p.name for p in (dump / "prepare_ptq").glob("*.txt") if p.name != "index.txt")
-    assert names == ["000_input.txt", "001_fold_conv_bn.txt", "002_annotate.txt", "003_resolve_specs.txt",
-                     "004_insert_quantizers.txt"]  # fmt: skip
+    assert names == ["000_input.txt", "001_stochastic_depth.txt", "002_chunk_to_slices.txt", "003_fold_conv_bn.txt",
+                     "004_annotate.txt", "005_resolve_specs.txt", "006_insert_quantizers.txt"]  # fmt: skip
     assert "<html" in report.read_text(encoding="utf-8")[:200].lower()
 
 

@@ -9,7 +9,7 @@ import torch
 
 import qgraph
 from qgraph import CalibrationError
-from qgraph.api import _copy_graph_module
+from qgraph.graph import copy_graph_module as _copy_graph_module
 from qgraph.passes.fold_bn import FoldBn
 from qgraph.passes.freeze_qparams import FreezeQparams
 from qgraph.passes.quantize_weights import QuantizeWeights

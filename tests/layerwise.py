@@ -1,0 +1,96 @@
+"""Per-layer conformance of a runtime with the converted reference, inputs shared.
+
+Why: end to end, a deep network's runtime output drifts from the reference by several
+output steps even when every kernel is right: each layer may round a tie the other way
+(one step), and the layers after it amplify that. To see each kernel's own error, each
+layer of the reference must start from exactly the input the runtime's layer had.
+
+How:
+
+1. :func:`with_quantized_outputs` — the converted graph returns, besides its outputs, every
+   activation quantize (``quantize_per_tensor`` with constant qparams: the boundaries
+   between quantized layers). Exported and run, the program gives the runtime's integers
+   at every boundary; adding outputs changes none of the kernels.
+2. :func:`cut_at_quantizers` — the converted graph *cut* at those boundaries: each
+   quantize's users read a new graph input instead, and the quantizes are the outputs.
+   Fed the runtime's integers at every cut, it computes each layer of the reference
+   (``dequantize → op(s) → quantize``; float ops between quantized neighbours belong to
+   the layer after them) from the runtime's inputs.
+3. :func:`layer_steps` — per boundary, the largest integer difference between the two:
+   steps of that tensor's own quantization grid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from qgraph.graph import copy_graph_module, is_op
+from qgraph.qdq_ops import qd
+
+CUT_OPS = frozenset({qd.quantize_per_tensor.default})
+"""Activation quantizers with constant qparams (weights are integer constants by now)."""
+
+
+def _cuts(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if is_op(n, CUT_OPS) and n.args[0].op != "get_attr"]
+
+
+def _plain_signature(gm: torch.fx.GraphModule) -> None:
+    """Positional inputs and a flat output tuple (no pytree specs from ``torch.export``)."""
+    gm.graph._codegen = torch.fx.graph.CodeGen()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def with_quantized_outputs(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int, list[str]]:
+    """A copy of ``gm`` returning ``(*its outputs, *every activation quantize)``.
+
+    Returns the graph, how many of its outputs are the model's own, and the cut names.
+    """
+    probe = copy_graph_module(gm)
+    output = next(n for n in probe.graph.nodes if n.op == "output")
+    own = pytree.tree_leaves(output.args[0])
+    cuts = _cuts(probe)
+    output.args = (tuple(own) + tuple(cuts),)
+    _plain_signature(probe)
+    return probe, len(own), [n.name for n in cuts]
+
+
+def cut_at_quantizers(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[str]]:
+    """A copy of ``gm`` whose every activation quantize is an output read by a new input.
+
+    Inputs: the original ones, then one per cut (in graph order, named ``<cut>_in``).
+    Outputs: the cuts' integer values, in the same order. Returns the graph and the cut names.
+    """
+    cut = copy_graph_module(gm)
+    graph = cut.graph
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    names = []
+    for node in _cuts(cut):
+        with graph.inserting_after(last_input):
+            last_input = graph.placeholder(f"{node.name}_in")
+        last_input.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(last_input)
+        names.append(node.name)
+    output = next(n for n in graph.nodes if n.op == "output")
+    nodes = {n.name: n for n in graph.nodes}
+    output.args = (tuple(nodes[name] for name in names),)
+    graph.eliminate_dead_code()
+    _plain_signature(cut)
+    return cut, names
+
+
+def layer_steps(gm: torch.fx.GraphModule, args: tuple, runtime: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Per cut, the largest integer difference between the runtime's value and the reference
+    layer of ``gm`` computed from the runtime's values at the cuts before it."""
+    cut, names = cut_at_quantizers(gm)
+    with torch.no_grad():
+        reference = cut(*args, *(runtime[n] for n in names))
+    steps = {}
+    for name, ref in zip(names, reference):
+        got = runtime[name]
+        assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} vs {tuple(ref.shape)}"
+        steps[name] = int((got.to(torch.int32) - ref.to(torch.int32)).abs().max().item()) if ref.numel() else 0
+    return steps

@@ -1,0 +1,275 @@
+"""The torchvision classification zoo through every flow, backend and runtime.
+
+For each model of the acceptance list, each backend (xnnpack, x86) and each mode (PTQ
+static, PTQ dynamic, QAT for two steps) the model is prepared, calibrated or trained,
+converted, written as ``.pte`` and ``.onnx`` through the public API, and each file runs
+in its runtime. The exported program is the converted model with every quantized tensor
+as an extra output (:mod:`tests.layerwise`; no kernel changes), so one run gives:
+
+* **per layer** (the acceptance bound): each layer of the converted reference, fed the
+  runtime's own integers at its inputs, against the runtime's integers at its output —
+  within one step of that tensor's grid. One step is the rounding freedom of a
+  requantization: the reference computes ``round(acc * s_in * s_w / s_out)`` in float,
+  the runtimes with their own fixed-point or fused-float rounding, and an average pool
+  lands on exact ties (sum / count) that two float orders round apart.
+* **end to end** (what the user sees): the model's output against the reference on the
+  same input. Random networks amplify a one-step difference layer after layer (an SE
+  block multiplies a whole feature map by a pooled value), so end to end is reported in
+  steps and bounded only as a signal-to-noise ratio that catches a wrong layout, scale or
+  missing layer.
+
+Models have random weights (no downloads); batch-norm statistics are first settled on
+random data so that every layer sees normalized activations, and an all-zero classifier
+(ViT's) gets random weights, so that outputs vary. Inputs are 64 × 64 (a vision
+transformer is built with ``image_size=64``), which every model in the list accepts and
+which keeps each forward cheap; export time depends on the graph, not the resolution.
+
+CI runs a representative few (``FAST``); ``-m slow`` runs the rest. ``ptq_dynamic`` runs
+where the backend offers a dynamic scheme.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+
+import qgraph
+from qgraph import QConfig
+from qgraph.backends import get_backend
+from qgraph.coverage import coverage
+from qgraph.demo import output_scale
+from qgraph.models.vision import build_torchvision
+from tests.layerwise import layer_steps, with_quantized_outputs
+
+RESOLUTION = 64
+MODELS: dict[str, dict] = {
+    "resnet18": {},
+    "resnet50": {},
+    "mobilenet_v2": {},
+    "mobilenet_v3_small": {},
+    "mobilenet_v3_large": {},
+    "efficientnet_b0": {},
+    "shufflenet_v2_x1_0": {},
+    "squeezenet1_1": {},
+    "regnet_y_400mf": {},
+    "convnext_tiny": {},
+    "vit_b_16": {"image_size": RESOLUTION},
+}
+BACKENDS = ("xnnpack", "x86")
+MODES = ("ptq_static", "ptq_dynamic", "qat")
+FAST: dict[tuple[str, str, str], frozenset] = {
+    ("resnet18", "x86", "qat"): frozenset({"onnx", "pte"}),
+    ("mobilenet_v3_small", "xnnpack", "ptq_static"): frozenset({"onnx"}),
+}
+"""Unmarked cases, and the formats they export in a fast run: both backends, PTQ and QAT,
+a plain residual net and one with hardswish and squeeze-excitation (hardsigmoid → mul).
+mobilenet_v3_small's whole ``.pte`` (a minute of ExecuTorch lowering) waits for the full
+run; ``tests/test_torchvision_zoo.py`` lowers mobilenet_v2 to a ``.pte`` in every run."""
+
+END_TO_END_SQNR_DB = 10.0
+"""End-to-end bound: the runtime's output against the reference's, as a signal-to-noise
+ratio. See the module docstring for why it is looser than per layer."""
+
+
+def _cases():
+    for name in MODELS:
+        for backend in BACKENDS:
+            for mode in MODES:
+                marks = () if (name, backend, mode) in FAST else (pytest.mark.slow,)
+                yield pytest.param((name, backend, mode), id=f"{name}-{backend}-{mode}", marks=marks)
+
+
+@dataclass
+class Flow:
+    name: str
+    backend: str
+    mode: str
+    model: nn.Module
+    prepared: torch.fx.GraphModule
+    converted: torch.fx.GraphModule
+    x: torch.Tensor
+    files: dict = field(default_factory=dict)
+
+
+def settle_batch_norm(model: nn.Module, generator: torch.Generator, batches: int = 4) -> nn.Module:
+    """Set every BN's running statistics to those of random inputs (cumulative average)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(8, 3, RESOLUTION, RESOLUTION, generator=generator))
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    return model.eval()
+
+
+def dynamic_config(backend: str) -> QConfig:
+    scheme = getattr(get_backend(backend), "dynamic_scheme", None)
+    if scheme is None:
+        pytest.skip(f"backend '{backend}' has no dynamic scheme in this tree")
+    return QConfig(scheme=scheme())
+
+
+def run_flow(name: str, backend: str, mode: str) -> Flow:
+    g = torch.Generator().manual_seed(0)
+    model = build_torchvision(name, **MODELS[name])
+    for module in model.modules():
+        # ViT zero-initializes its classifier: its output would be the constant bias.
+        if isinstance(module, nn.Linear) and not module.weight.any():
+            nn.init.normal_(module.weight, std=0.02, generator=g)
+    model = settle_batch_norm(model, g)
+    x = torch.randn(4, 3, RESOLUTION, RESOLUTION, generator=g)
+    if mode == "qat":
+        prepared = qgraph.prepare_qat(model.train(), (x,), backend=backend)
+        opt = torch.optim.SGD(prepared.parameters(), lr=1e-3, momentum=0.9)
+        labels = torch.tensor([1, 2, 3, 4])
+        for batch in (x, x[:3]):  # the second batch is smaller: the batch dim is dynamic
+            loss = nn.functional.cross_entropy(prepared(batch), labels[: len(batch)])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        prepared.eval()
+        model.eval()
+    else:
+        config = dynamic_config(backend) if mode == "ptq_dynamic" else None
+        prepared = qgraph.prepare_ptq(model, (x,), backend=backend, config=config)
+        if mode == "ptq_static":
+            calibration = [torch.randn(4, 3, RESOLUTION, RESOLUTION, generator=g) for _ in range(2)]
+            qgraph.calibrate(prepared, calibration, progress=False)
+    converted = qgraph.convert(prepared)
+    return Flow(name, backend, mode, model, prepared, converted, torch.randn(2, 3, RESOLUTION, RESOLUTION, generator=g))
+
+
+@pytest.fixture(scope="module", params=list(_cases()))
+def flow(request) -> Flow:
+    return run_flow(*request.param)
+
+
+def output_step(flow: Flow, reference: torch.Tensor) -> float:
+    """The output grid's step; a dynamic model outputs float, so its range over 255 steps."""
+    if flow.mode == "ptq_dynamic":
+        return (reference.max() - reference.min()).item() / 255
+    return output_scale(flow.converted)
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    noise = (reference - test).double().square().sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(reference.double().square().sum().item() / noise)
+
+
+# -- the quantized model ------------------------------------------------------------------
+
+
+def test_every_conv_and_linear_is_quantized(flow):
+    report = coverage(flow.prepared)
+    assert report.layers, "no conv / linear / matmul found"
+    assert report.integer_mac_fraction == 1.0, report.to_text()
+
+
+def test_every_activation_range_fits_its_data(flow, record_property):
+    """Each quantized activation, quantized alone with its qparams, keeps ≥ 20 dB of signal.
+
+    The *isolated* SQNR of :func:`qgraph.compare` (the float activation against itself
+    quantized with that point's qparams) is the right measure on random weights: the
+    output's SQNR against the float model mostly measures how a random network amplifies
+    noise (resnet50 or mobilenet_v3 fall to a few dB with every point above 28 dB). An
+    8-bit point whose range fits its data sits at 30-50 dB, an average pool's shared
+    range at ~28 dB; a range from the wrong tensor or a clipped one falls far below 20.
+    """
+    if flow.mode != "ptq_static":
+        pytest.skip("QAT moved the weights off the float model; a dynamic model has no fixed ranges")
+    report = qgraph.compare(flow.model, flow.converted, [flow.x])
+    with torch.no_grad():
+        record_property("output_sqnr_db", round(sqnr_db(flow.model(flow.x), flow.converted(flow.x)), 1))
+    worst = min(report.rows, key=lambda r: r.isolated_sqnr_db)
+    record_property("worst_isolated_sqnr_db", round(worst.isolated_sqnr_db, 1))
+    assert worst.isolated_sqnr_db >= 20.0, report.to_text(5)
+
+
+def test_qat_fake_quant_equals_converted(flow):
+    if flow.mode != "qat":
+        pytest.skip("a PTQ-prepared model observes in float; tracked against float above")
+    with torch.no_grad():
+        a, b = flow.prepared(flow.x), flow.converted(flow.x)
+    step = output_scale(flow.converted)
+    # Same qparams, same float ops: identical except where fake_quantize and
+    # quantize→dequantize round a tie differently, by one step.
+    assert (a == b).float().mean().item() >= 0.99
+    assert (a - b).abs().max().item() <= step * (1 + 1e-3)
+
+
+# -- the files in their runtimes ------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One exported program run once: the model's outputs and the integers at every cut."""
+
+    graph: torch.fx.GraphModule
+    """The converted graph as the emitter sees it (x86 ``.pte``: uint8 shifted to int8)."""
+    x: torch.Tensor
+    outputs: list
+    cuts: dict
+
+
+def _run(flow: Flow, fmt: str, tmp_path_factory) -> Run:
+    """Export ``flow.converted`` (every quantized tensor an extra output) through the public
+    API, run it in its runtime once, cache the result on the flow."""
+    if fmt in flow.files:
+        return flow.files[fmt]
+    out = tmp_path_factory.mktemp(f"{flow.name}-{flow.backend}-{flow.mode}")
+    if fmt == "pte":
+        # The graph ExecuTorch sees, so that the cut integers are on the program's grid.
+        graph, x = qgraph.emit.lower_for_xnnpack(flow.converted), flow.x[:1]  # static shapes
+        program, own, names = with_quantized_outputs(graph)
+        run = qgraph.load_pte(qgraph.export_pte(program, (x,), out / "model.pte").path)
+    else:
+        graph, x = flow.converted, flow.x
+        program, own, names = with_quantized_outputs(graph)
+        run = qgraph.load_onnx(qgraph.export_onnx(program, (x,), out / "model.onnx"))
+    values = run(x)
+    values = list(values) if isinstance(values, (tuple, list)) else [values]
+    flow.files[fmt] = Run(graph, x, values[:own], dict(zip(names, values[own:])))
+    return flow.files[fmt]
+
+
+@pytest.mark.parametrize("fmt", ["pte", "onnx"])
+def test_each_layer_within_one_step_in_the_runtime(flow, fmt, tmp_path_factory, record_property, request):
+    """The acceptance bound: every layer, fed the runtime's own inputs, within one step."""
+    _skip_in_fast_run(flow, fmt, request)
+    run = _run(flow, fmt, tmp_path_factory)
+    if not run.cuts:
+        pytest.skip("no static activation quantizers: dynamic layers pick their qparams at run time")
+    steps = layer_steps(run.graph, (run.x,), run.cuts)
+    record_property(f"{fmt}_layer_steps", max(steps.values()))
+    off = {n: s for n, s in steps.items() if s > 1}
+    assert not off, f"{len(off)} of {len(steps)} layers more than one step off: {off}"
+
+
+@pytest.mark.parametrize("fmt", ["pte", "onnx"])
+def test_whole_program_close_to_the_reference(flow, fmt, tmp_path_factory, record_property, request):
+    _skip_in_fast_run(flow, fmt, request)
+    run = _run(flow, fmt, tmp_path_factory)
+    with torch.no_grad():
+        ref = flow.converted(run.x)
+    got = run.outputs[0]
+    assert got.shape == ref.shape and torch.isfinite(got).all()
+    steps = (got - ref).abs().max().item() / output_step(flow, ref)
+    db = sqnr_db(ref, got)
+    record_property(f"{fmt}_end_to_end_steps", round(steps, 2))
+    record_property(f"{fmt}_end_to_end_sqnr_db", round(db, 1))
+    assert db >= END_TO_END_SQNR_DB
+
+
+def _skip_in_fast_run(flow: Flow, fmt: str, request) -> None:
+    case = (flow.name, flow.backend, flow.mode)
+    if fmt not in FAST.get(case, {fmt}) and "not slow" in (request.config.getoption("markexpr") or ""):
+        pytest.skip(f"the {fmt} of {case} runs with the slow set (see FAST)")
