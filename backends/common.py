@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qgraph.graph import CONV_OPS, DROPOUT_OPS, HARDTANH_OPS, LINEAR_OPS, RELU_OPS  # noqa: F401  (re-exported)
+from qgraph.graph import CONV_OPS, DROPOUT_OPS, HARDTANH_OPS, LINEAR_OPS, RELU_OPS, SHAPE_OPS  # noqa: F401  (re-exported)
 from qgraph.rules import has_float_output
 from qgraph.specs import PerTensor, PerToken
 
@@ -23,20 +23,6 @@ HARDSWISH_OPS = frozenset({aten.hardswish.default, aten.hardswish_.default})
 MAX_POOL_OPS = frozenset({aten.max_pool2d.default, aten.max_pool1d.default})
 AVERAGING_OPS = frozenset(
     {aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.avg_pool1d.default, aten.mean.dim, aten.mean.default}
-)
-SHAPE_OPS = frozenset(
-    {
-        aten.flatten.using_ints,
-        aten.reshape.default,
-        aten.view.default,
-        aten.permute.default,
-        aten.transpose.int,
-        aten.squeeze.dim,
-        aten.squeeze.dims,
-        aten.unsqueeze.default,
-        aten.contiguous.default,  # channel shuffle: view → transpose → contiguous → view
-        aten.slice.Tensor,  # channel split (chunk / split, see passes/chunk_to_slices.py)
-    }
 )
 MATMUL_OPS = frozenset({aten.matmul.default, aten.bmm.default})
 EMBEDDING_OPS = frozenset({aten.embedding.default})

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qgraph.graph import add_constant, copy_provenance, get_constant, is_op, remove_dead_nodes
+from qgraph.graph import add_constant, get_constant, is_op, remove_dead_nodes, replace_node
 from qgraph.pass_manager import Pass, PassResult
 from qgraph.qdq_ops import qd
 
@@ -75,10 +75,7 @@ class UseEmbeddingKernels(Pass):
                     zp = add_constant(gm, "embedding_zero_point", zero_point.to(scale.dtype), like=node)
                 op = qd.embedding_4bit.default if four_bit else qd.embedding_byte.default
                 new = gm.graph.call_function(op, (weight, s, zp, qmin, qmax, node.args[1]))
-            copy_provenance(new, node, self.name, action="replace")
-            new.meta["val"] = node.meta.get("val")
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
+            replace_node(gm, node, new, self.name)
             changed += 1
         if changed:
             remove_dead_nodes(gm)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ import qgraph  # noqa: E402
 from qgraph.backends import executorch_emitter, onnx_emitter  # noqa: E402
 from qgraph.capture import batch_dynamic_shapes  # noqa: E402
 from qgraph.dynamic import quantize_dynamic  # noqa: E402
+from qgraph.timing import median_ms  # noqa: E402
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:
@@ -55,17 +55,6 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
     from qgraph.models.vision import build_torchvision
 
     return build_torchvision(name).eval(), torch.randn(1, 3, 224, 224)
-
-
-def latency_ms(run, x, repeat: int = 10) -> float:
-    for _ in range(2):
-        run(x)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def steps(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -102,8 +91,8 @@ def bench(name: str, out: str) -> None:
         {
             "model": name,
             "flow": "fp32",
-            "pte_ms": round(latency_ms(qgraph.load_pte(fp32_pte), x), 2),
-            "onnx_ms": round(latency_ms(qgraph.load_onnx(fp32_onnx), x), 2),
+            "pte_ms": round(median_ms(qgraph.load_pte(fp32_pte), x, repeat=10, warmup=2), 2),
+            "onnx_ms": round(median_ms(qgraph.load_onnx(fp32_onnx), x, repeat=10, warmup=2), 2),
         }
     )
 
@@ -123,7 +112,7 @@ def bench(name: str, out: str) -> None:
             "quantize_s": round(quantize_s, 2),
             "pte_export_s": round(export_s, 2),
             "pte_bytes": report.size_bytes,
-            "pte_ms": round(latency_ms(run, x), 2),
+            "pte_ms": round(median_ms(run, x, repeat=10, warmup=2), 2),
             "pte_delegated_fraction": round(report.delegated_fraction, 3),
             "pte_delegated_gemms": sum(report.delegated[op] for op in ("aten_linear_default", "aten_convolution_default")),
             "pte_not_delegated": dict(report.not_delegated),
@@ -148,7 +137,7 @@ def bench(name: str, out: str) -> None:
             "flow": "qgraph-x86",
             "quantize_s": round(quantize_s, 2),
             "onnx_export_s": round(export_s, 2),
-            "onnx_ms": round(latency_ms(run, x), 2),
+            "onnx_ms": round(median_ms(run, x, repeat=10, warmup=2), 2),
             "onnx_fused_ops": ort_ops(path),
             "onnx_diff_steps": steps(run(x), ref),
             "vs_float_steps": steps(ref, ref_float),
@@ -173,7 +162,7 @@ def bench(name: str, out: str) -> None:
         {
             "model": name,
             "flow": "ort-quantize_dynamic",
-            "onnx_ms": round(latency_ms(run, x), 2),
+            "onnx_ms": round(median_ms(run, x, repeat=10, warmup=2), 2),
             "onnx_fused_ops": ort_ops(oracle),
             "vs_float_steps": steps(run(x), ref_float),
         }

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qgraph.graph import CONV_OPS, LINEAR_OPS, add_constant, copy_provenance, get_constant, is_op, remove_dead_nodes
+from qgraph.graph import CONV_OPS, LINEAR_OPS, add_constant, get_constant, is_op, remove_dead_nodes, replace_node
 from qgraph.integer_ops import dynamic_conv, dynamic_linear  # noqa: F401  (registers torch.ops.qgraph)
 from qgraph.pass_manager import Pass, PassResult
 from qgraph.qdq_ops import qd
@@ -61,10 +61,7 @@ class LowerDynamicToInteger(Pass):
                     new = gm.graph.call_function(
                         qgraph_ops.dynamic_conv.default, (x, w_node, s_node, bias, *conv, *choose_args)
                     )
-            copy_provenance(new, node, self.name, action="replace")
-            new.meta["val"] = node.meta.get("val")
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
+            replace_node(gm, node, new, self.name)
             lowered += 1
         if lowered:
             remove_dead_nodes(gm)

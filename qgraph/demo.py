@@ -9,7 +9,6 @@ steps, file sizes, and batch-1 latency.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import qgraph
 from qgraph.backends.executorch_emitter import write_pte
 from qgraph.backends.xnnpack import xnnpack_scheme
 from qgraph.models.digits import DigitsCNN, load_digits_split
+from qgraph.timing import median_ms
 from qgraph.training import accuracy, batches, train_epochs, train_qat
 
 
@@ -56,17 +56,6 @@ def output_scale(converted: torch.fx.GraphModule) -> float:
 def _per_sample(run: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Run a batch-1 program over a batch, one sample at a time."""
     return lambda xb: torch.cat([run(xb[i : i + 1]) for i in range(len(xb))])
-
-
-def _latency_ms(fn: Callable, x: torch.Tensor, repeat: int = 50) -> float:
-    for _ in range(3):
-        fn(x)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
 
 
 LOW_BITS = ((4, 8), (4, 4), (3, 4))
@@ -142,8 +131,8 @@ def run_demo(
     res.files = {"pte": pte.path, "onnx": onnx_path, "fp32_pte": fp32_pte.path}
     x1 = data.x_test[:1]
     with torch.no_grad():
-        res.latency_ms["fp32 eager (PyTorch)"] = _latency_ms(model, x1)
-        res.latency_ms["digits_fp32.pte"] = _latency_ms(qgraph.load_pte(fp32_pte.path), x1)
-        res.latency_ms["digits_int8.pte"] = _latency_ms(run_pte, x1)
-        res.latency_ms["digits_int8.onnx"] = _latency_ms(run_onnx, x1)
+        res.latency_ms["fp32 eager (PyTorch)"] = median_ms(model, x1)
+        res.latency_ms["digits_fp32.pte"] = median_ms(qgraph.load_pte(fp32_pte.path), x1)
+        res.latency_ms["digits_int8.pte"] = median_ms(run_pte, x1)
+        res.latency_ms["digits_int8.onnx"] = median_ms(run_onnx, x1)
     return res

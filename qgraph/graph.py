@@ -25,6 +25,22 @@ HARDTANH_OPS = frozenset({aten.hardtanh.default, aten.hardtanh_.default})
 DROPOUT_OPS = frozenset({aten.dropout.default, aten.dropout_.default, STOCHASTIC_DEPTH})
 """Ops that are the identity in eval mode and take ``(x, p, train, ...)``: mode switches flip
 ``train``, convert removes them. Stochastic depth is a dropout of whole residual branches."""
+SHAPE_OPS = frozenset(
+    {
+        aten.flatten.using_ints,
+        aten.reshape.default,
+        aten.view.default,
+        aten.permute.default,
+        aten.transpose.int,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.unsqueeze.default,
+        aten.contiguous.default,  # channel shuffle: view → transpose → contiguous → view
+        aten.slice.Tensor,  # channel split (chunk / split, see passes/chunk_to_slices.py)
+    }
+)
+"""Ops that move elements without arithmetic: on integers they give the same codes as on
+the values they stand for, so they share their input's qparams."""
 
 PROVENANCE_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn")
 
@@ -84,6 +100,18 @@ def copy_provenance(new: torch.fx.Node, source: torch.fx.Node, pass_name: str, a
             new.meta[key] = source.meta[key]
     act = NodeSourceAction.REPLACE if action == "replace" else NodeSourceAction.CREATE
     new.meta["from_node"] = [NodeSource(source, pass_name, act)]
+
+
+def replace_node(gm: torch.fx.GraphModule, old: torch.fx.Node, new: torch.fx.Node, pass_name: str) -> None:
+    """Make ``new`` stand in for ``old`` everywhere and erase ``old``.
+
+    ``new`` keeps ``old``'s provenance (recorded as a replacement by ``pass_name``) and its
+    ``meta["val"]``: the rewrite computes the same tensor, so shape propagation holds.
+    """
+    copy_provenance(new, old, pass_name, action="replace")
+    new.meta["val"] = old.meta.get("val")
+    old.replace_all_uses_with(new)
+    gm.graph.erase_node(old)
 
 
 def module_path(node: torch.fx.Node) -> str:

@@ -20,6 +20,19 @@ def count_ops(gm: torch.fx.GraphModule) -> Counter:
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
 
 
+def run_pass(pass_, gm: torch.fx.GraphModule):
+    """Apply ``pass_`` to ``gm`` and check the graph it returns is valid and runs.
+
+    ``graph.lint()`` checks every node's arguments are defined before use and the graph
+    has one output; ``recompile()`` regenerates ``forward`` from the rewritten graph.
+    Returns the pass's :class:`PassResult`.
+    """
+    result = pass_(gm)
+    result.graph_module.graph.lint()
+    result.graph_module.recompile()
+    return result
+
+
 def count_modules(gm: torch.fx.GraphModule, cls: type) -> int:
     """How many call_module nodes call a submodule of type ``cls``."""
     return sum(1 for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), cls))

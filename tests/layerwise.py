@@ -10,7 +10,7 @@ How:
 1. :func:`with_quantized_outputs` — the converted graph returns, besides its outputs, every
    activation quantize (``quantize_per_tensor`` with constant qparams: the boundaries
    between quantized layers). Exported and run, the program gives the runtime's integers
-   at every boundary; adding outputs changes none of the kernels.
+   at every boundary (:func:`codes`); adding outputs changes none of the kernels.
 2. :func:`cut_at_quantizers` — the converted graph *cut* at those boundaries: each
    quantize's users read a new graph input instead, and the quantizes are the outputs.
    Fed the runtime's integers at every cut, it computes each layer of the reference
@@ -26,15 +26,32 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from qgraph.graph import copy_graph_module, is_op
+from qgraph.backends.common import MAX_POOL_OPS
+from qgraph.graph import SHAPE_OPS, copy_graph_module, is_op
 from qgraph.qdq_ops import qd
 
 CUT_OPS = frozenset({qd.quantize_per_tensor.default})
 """Activation quantizers with constant qparams (weights are integer constants by now)."""
 
 
+DATA_MOVEMENT_OPS = SHAPE_OPS | MAX_POOL_OPS
+"""Ops that move integers without arithmetic: the quantize after one is no layer boundary."""
+
+
 def _cuts(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if is_op(n, CUT_OPS) and n.args[0].op != "get_attr"]
+    """Activation quantizes after an op that computes (not after a reshape or a max-pool).
+
+    A quantize after a data-movement op between two grids of the same qparams holds the
+    very integers of the quantize before it, moved: no rounding happens there. It is
+    checked as part of the next layer. (Returned on its own, XNNPACK takes it into the
+    delegate that consumes it as an input, and refuses a delegate whose output is also
+    its input.)
+    """
+    return [
+        n
+        for n in gm.graph.nodes
+        if is_op(n, CUT_OPS) and n.args[0].op != "get_attr" and not is_op(n.args[0], DATA_MOVEMENT_OPS)
+    ]
 
 
 def _plain_signature(gm: torch.fx.GraphModule) -> None:
@@ -45,17 +62,28 @@ def _plain_signature(gm: torch.fx.GraphModule) -> None:
 
 
 def with_quantized_outputs(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int, list[str]]:
-    """A copy of ``gm`` returning ``(*its outputs, *every activation quantize)``.
+    """A copy of ``gm`` returning ``(*its outputs, *every activation quantize as int32)``.
 
+    Each cut leaves through a cast to int32 of its own (exact; no delegate takes it).
     Returns the graph, how many of its outputs are the model's own, and the cut names.
     """
     probe = copy_graph_module(gm)
-    output = next(n for n in probe.graph.nodes if n.op == "output")
+    graph = probe.graph
+    output = next(n for n in graph.nodes if n.op == "output")
     own = pytree.tree_leaves(output.args[0])
-    cuts = _cuts(probe)
-    output.args = (tuple(own) + tuple(cuts),)
+    exposed = []
+    for q in _cuts(probe):
+        with graph.inserting_after(q):
+            exposed.append(graph.call_function(torch.ops.aten._to_copy.default, (q,), {"dtype": torch.int32}))
+    output.args = (tuple(own) + tuple(exposed),)
     _plain_signature(probe)
-    return probe, len(own), [n.name for n in cuts]
+    return probe, len(own), [n.name for n in _cuts(probe)]
+
+
+def codes(gm: torch.fx.GraphModule, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The runtime's int32 copies of the cuts, back in each cut's own dtype."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return {name: v.to(nodes[name].args[5]) for name, v in values.items()}
 
 
 def cut_at_quantizers(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[str]]:

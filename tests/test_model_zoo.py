@@ -43,7 +43,7 @@ from qgraph.backends import get_backend
 from qgraph.coverage import coverage
 from qgraph.demo import output_scale
 from qgraph.models.vision import build_torchvision
-from tests.layerwise import layer_steps, with_quantized_outputs
+from tests.layerwise import codes, layer_steps, with_quantized_outputs
 
 RESOLUTION = 64
 MODELS: dict[str, dict] = {
@@ -174,24 +174,40 @@ def test_every_conv_and_linear_is_quantized(flow):
     assert report.integer_mac_fraction == 1.0, report.to_text()
 
 
+def _is_squeeze_vector(shape: tuple[int, ...]) -> bool:
+    """An SE block's pooled ``N × C × 1 × 1``: one value per channel and sample."""
+    return len(shape) > 2 and math.prod(shape[2:]) == 1
+
+
 def test_every_activation_range_fits_its_data(flow, record_property):
-    """Each quantized activation, quantized alone with its qparams, keeps ≥ 20 dB of signal.
+    """Each quantized activation, quantized alone with its qparams, keeps ≥ 20 dB of signal
+    (≥ 10 dB for the squeeze vectors of SE blocks).
 
     The *isolated* SQNR of :func:`qgraph.compare` (the float activation against itself
     quantized with that point's qparams) is the right measure on random weights: the
     output's SQNR against the float model mostly measures how a random network amplifies
-    noise (resnet50 or mobilenet_v3 fall to a few dB with every point above 28 dB). An
-    8-bit point whose range fits its data sits at 30-50 dB, an average pool's shared
-    range at ~28 dB; a range from the wrong tensor or a clipped one falls far below 20.
+    noise (resnet50 or mobilenet_v3 fall to a few dB with every point above 25 dB). An
+    8-bit point whose range fits its data sits at 25-50 dB. The exceptions are the squeeze
+    vectors of SE blocks (``C × 1 × 1``: one value per channel and sample, a few dozen in
+    all, most near the activation's floor), whose range comes from other
+    batches — measured 14 dB (mobilenet_v3_small ``features.7`` fc1, on held-out batches)
+    to 18 dB (EfficientNet). A range from the wrong tensor, or a clipped one, falls below
+    10 dB. The held-out batches are new random images: the ranges must fit data they were
+    not calibrated on.
     """
     if flow.mode != "ptq_static":
         pytest.skip("QAT moved the weights off the float model; a dynamic model has no fixed ranges")
-    report = qgraph.compare(flow.model, flow.converted, [flow.x])
+    g = torch.Generator().manual_seed(1)
+    batches = [flow.x] + [torch.randn(4, 3, RESOLUTION, RESOLUTION, generator=g) for _ in range(2)]
+    report = qgraph.compare(flow.model, flow.converted, batches)
     with torch.no_grad():
         record_property("output_sqnr_db", round(sqnr_db(flow.model(flow.x), flow.converted(flow.x)), 1))
-    worst = min(report.rows, key=lambda r: r.isolated_sqnr_db)
+    small = [r for r in report.rows if _is_squeeze_vector(r.shape)]
+    large = [r for r in report.rows if r not in small]
+    worst = min(large, key=lambda r: r.isolated_sqnr_db)
     record_property("worst_isolated_sqnr_db", round(worst.isolated_sqnr_db, 1))
     assert worst.isolated_sqnr_db >= 20.0, report.to_text(5)
+    assert all(r.isolated_sqnr_db >= 10.0 for r in small), report.to_text(5)
 
 
 def test_qat_fake_quant_equals_converted(flow):
@@ -237,7 +253,7 @@ def _run(flow: Flow, fmt: str, tmp_path_factory) -> Run:
         run = qgraph.load_onnx(qgraph.export_onnx(program, (x,), out / "model.onnx"))
     values = run(x)
     values = list(values) if isinstance(values, (tuple, list)) else [values]
-    flow.files[fmt] = Run(graph, x, values[:own], dict(zip(names, values[own:])))
+    flow.files[fmt] = Run(graph, x, values[:own], codes(graph, dict(zip(names, values[own:]))))
     return flow.files[fmt]
 
 

@@ -100,10 +100,17 @@ FAST = {("encoder", "x86", "qat"), ("encoder", "xnnpack", "ptq"), ("distilbert",
 """Each model, backend and mode at least once in CI; the rest with ``-m slow``."""
 
 
-@pytest.fixture(
-    scope="module",
-    params=[pytest.param(c, id="-".join(c), marks=() if c in FAST else (pytest.mark.slow,)) for c in CASES],
-)
+def _params(cases) -> list:
+    """``cases`` as pytest params: the id ``model-backend-mode``; cases outside FAST are slow."""
+    return [pytest.param(c, id="-".join(c), marks=() if c in FAST else (pytest.mark.slow,)) for c in cases]
+
+
+def _only(predicate):
+    """Run a test on the flows where ``predicate(model, backend, mode)`` holds, and no others."""
+    return pytest.mark.parametrize("flow", _params([c for c in CASES if predicate(*c)]), indirect=True)
+
+
+@pytest.fixture(scope="module", params=_params(CASES))
 def flow(request):
     name, backend, mode = request.param
     model, draw = build(name)
@@ -134,12 +141,12 @@ def test_at_least_95_percent_of_linear_macs_are_quantized(flow):
     assert share >= 0.95, coverage(converted).to_text()
 
 
+# x86 DistilBERT only: the encoder's attention is one scaled_dot_product_attention op (no
+# matmul to quantize), and XNNPACK's rules have no matmul of two activations.
+@_only(lambda model, backend, mode: (model, backend) == ("distilbert", "x86"))
 def test_x86_quantizes_the_attention_matmuls(flow):
     name, backend, _, _, prepared, converted, _ = flow
     matmuls = [n for n in converted.graph.nodes if is_op(n, {aten.matmul.default, aten.bmm.default})]
-    if name != "distilbert" or backend != "x86":
-        pytest.skip("x86 DistilBERT only: the encoder's attention is one scaled_dot_product_attention op; "
-                    "XNNPACK's rules have no matmul of two activations")
     assert len(matmuls) == 4  # scores and context, two layers
     assert all(is_op(a, DEQUANTIZE_OPS) for n in matmuls for a in n.args[:2])
 
@@ -193,11 +200,12 @@ def test_quantized_model_is_what_was_trained_or_calibrated(flow, record_property
             assert db >= 12.0
 
 
+# Only nn.TransformerEncoder captured in training mode (QAT) holds
+# scaled_dot_product_attention(dropout_p=0.1); DistilBERT here is eager attention.
+@_only(lambda model, backend, mode: (model, mode) == ("encoder", "qat"))
 def test_attention_dropout_follows_train_and_eval(flow):
     """A training capture records attention dropout as ``dropout_p=0.1``: eval sets 0, train restores it."""
     name, _, mode, _, prepared, _, _ = flow
-    if (name, mode) != ("encoder", "qat"):
-        pytest.skip("nn.TransformerEncoder captured in training mode holds scaled_dot_product_attention(p=0.1)")
 
     def probabilities():
         return [n.args[4] for n in prepared.graph.nodes if n.target == aten.scaled_dot_product_attention.default]

@@ -15,7 +15,7 @@ from qgraph.lora import add_lora
 from qgraph.passes.add_lora import LORA_BASE_KEY, LORA_KEY, AddLora, LoraAdapter
 from qgraph.passes.insert_quantizers import QUANTIZER_KEY
 from qgraph.rules import QuantScheme
-from tests.conftest import count_ops
+from tests.conftest import count_ops, run_pass
 
 aten = torch.ops.aten
 
@@ -47,10 +47,7 @@ def prepared(batch) -> torch.fx.GraphModule:
 
 
 def _run(pass_, gm):
-    result = pass_(gm)
-    result.graph_module.graph.lint()
-    result.graph_module.recompile()
-    return result
+    return run_pass(pass_, gm)
 
 
 def test_structure_two_linears_one_mul_one_add_per_adapter(prepared):

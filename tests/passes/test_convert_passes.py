@@ -15,7 +15,7 @@ from qgraph.passes.freeze_qparams import FreezeQparams
 from qgraph.passes.quantize_weights import QuantizeWeights
 from qgraph.passes.remove_dropout import RemoveDropout
 from qgraph.qdq_ops import qd
-from tests.conftest import count_modules, count_ops
+from tests.conftest import count_modules, count_ops, run_pass
 
 aten = torch.ops.aten
 
@@ -34,10 +34,7 @@ def trained_qat(conv_bn_net, image_batch):
 
 
 def _run(pass_, gm):
-    result = pass_(gm)
-    result.graph_module.graph.lint()
-    result.graph_module.recompile()
-    return result
+    return run_pass(pass_, gm)
 
 
 def test_fold_bn_leaves_no_bn_and_identical_outputs(trained_qat, image_batch):

@@ -18,7 +18,7 @@ from qgraph.passes.fold_bias_dequantize import FoldBiasDequantize
 from qgraph.passes.lower_dynamic_to_integer import LowerDynamicToInteger
 from qgraph.passes.shift_uint8_to_int8 import ShiftUint8ToInt8
 from qgraph.qdq_ops import CHOOSE_QPARAMS_OPS, DYNAMIC_QUANTIZE_OPS, qd
-from tests.conftest import count_ops
+from tests.conftest import count_ops, run_pass
 
 QDQ_OPS = {
     qd.quantize_per_tensor.default,
@@ -52,10 +52,7 @@ def dynamic_models(x86_static):
 
 
 def _apply(pass_, gm):
-    result = pass_(copy_graph_module(gm))
-    result.graph_module.graph.lint()
-    result.graph_module.recompile()
-    return result
+    return run_pass(pass_, copy_graph_module(gm))
 
 
 def _dtypes(gm) -> set:

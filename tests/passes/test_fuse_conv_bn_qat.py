@@ -9,17 +9,14 @@ import torch
 import qgraph
 from qgraph.batch_norm import FOLDED_INTO_KEY
 from qgraph.passes.fuse_conv_bn_qat import SIMULATED_BN_KEY, FuseConvBnQat, set_simulated_bn_form
-from tests.conftest import count_ops
+from tests.conftest import count_ops, run_pass
 
 aten = torch.ops.aten
 
 
 def _fused(model, x):
     gm = qgraph.capture(model, (x,))
-    result = FuseConvBnQat()(gm)
-    result.graph_module.graph.lint()
-    result.graph_module.recompile()
-    return result
+    return run_pass(FuseConvBnQat(), gm)
 
 
 def test_structure_of_train_form(conv_bn_net, image_batch):
