@@ -15,11 +15,12 @@ from torch import nn
 
 import qgraph
 from qgraph.backends.xnnpack import xnnpack_scheme
+from qgraph.demo import LOW_BIT_EPOCH_FACTOR
 from qgraph.models.digits import DigitsCNN, load_digits_split
 from qgraph.training import accuracy, train_epochs, train_qat
 from tests import torchao_oracle as ao
 
-QAT_EPOCHS = 5  # the demo's
+QAT_EPOCHS = LOW_BIT_EPOCH_FACTOR * 5  # the demo's low-bit rows: twice the int8 QAT's 5 epochs
 
 
 class _TorchaoModule(nn.Module):
@@ -47,16 +48,16 @@ def digits():
 
 
 @pytest.mark.parametrize(
-    ("w_bits", "a_bits", "within_one_point"),
+    ("w_bits", "a_bits"),
     [
-        pytest.param(4, 8, True, marks=pytest.mark.slow),
-        pytest.param(4, 4, True),  # CI's representative: the issue's measured torchao case
-        # W3A4 measured 98.24 vs fp32 99.50 (torchao 96.73): beats the oracle but misses the
-        # 1-point bar, so only the oracle comparison is asserted; issue 3 stays open for it.
-        pytest.param(3, 4, False, marks=pytest.mark.slow),
+        pytest.param(4, 8, marks=pytest.mark.slow),
+        pytest.param(4, 4),  # CI's representative: the issue's measured torchao case
+        pytest.param(3, 4, marks=pytest.mark.slow),
     ],
 )
-def test_low_bit_qat_keeps_accuracy_and_matches_torchao(digits, w_bits, a_bits, within_one_point):
+def test_low_bit_qat_keeps_accuracy_and_matches_torchao(digits, w_bits, a_bits):
+    """Measured (2 threads, 10 epochs): W4A8 99.50 / torchao 99.50, W4A4 99.24 / 99.24,
+    W3A4 98.99 / 98.99, fp32 99.50. After 5 epochs W3A4 stopped at 98.24 (torchao 96.73)."""
     data, model, fp32 = digits
     example = (data.x_train[:64],)
 
@@ -71,5 +72,4 @@ def test_low_bit_qat_keeps_accuracy_and_matches_torchao(digits, w_bits, a_bits, 
 
     print(f"W{w_bits}A{a_bits}: fp32 {fp32:.2f}  qgraph QAT {ours_acc:.2f}  torchao QAT {theirs_acc:.2f}")
     assert ours_acc >= theirs_acc
-    if within_one_point:
-        assert ours_acc >= fp32 - 1.0
+    assert ours_acc >= fp32 - 1.0
