@@ -43,7 +43,7 @@ class LowerDynamicToInteger(Pass):
         for node in list(gm.graph.nodes):
             if not is_op(node, LINEAR_OPS | CONV_OPS):
                 continue
-            parts = _match(gm, node)
+            parts = match_dynamic_layer(gm, node)
             if parts is None:
                 continue
             x, choose_args, w_int, w_scale, bias = parts
@@ -57,7 +57,7 @@ class LowerDynamicToInteger(Pass):
                 else:
                     w_node = add_constant(gm, f"{node.name}_weight", w_int, like=node)
                     s_node = add_constant(gm, f"{node.name}_weight_scale", w_scale, like=node)
-                    conv = _conv_args(node, w_int.dim() - 2)
+                    conv = conv_args(node, w_int.dim() - 2)
                     new = gm.graph.call_function(
                         qgraph_ops.dynamic_conv.default, (x, w_node, s_node, bias, *conv, *choose_args)
                     )
@@ -76,8 +76,9 @@ _PER_TOKEN = (
 )
 
 
-def _match(gm: torch.fx.GraphModule, node: torch.fx.Node):
-    """``(x, (qmin, qmax, eps, dtype[, per_token]), w_int8, w_scale float32 [C_out], bias)`` or None."""
+def dynamic_input(node: torch.fx.Node):
+    """``(x, (qmin, qmax, eps, dtype[, per_token]))`` when the first input of ``node`` is
+    ``x`` quantized with qparams chosen at run time (per tensor; per token for a linear)."""
     x_dq = node.args[0]
     if is_op(x_dq, {_PER_TENSOR[2]}):
         ops = _PER_TENSOR
@@ -95,14 +96,23 @@ def _match(gm: torch.fx.GraphModule, node: torch.fx.Node):
         return None
     quant_min, quant_max, dtype = q.args[3:6]
     eps = choose.args[3] if ops is _PER_TENSOR else torch.finfo(torch.float32).eps
-    choose_args = (quant_min, quant_max, eps, dtype) + (() if ops is _PER_TENSOR else (True,))
-    weight = _symmetric_weight(gm, node.args[1])
-    if weight is None:
-        return None
+    return q.args[0], (quant_min, quant_max, eps, dtype) + (() if ops is _PER_TENSOR else (True,))
+
+
+def constant_bias(node: torch.fx.Node) -> tuple[bool, torch.fx.Node | None]:
+    """``(ok, bias)``: ok when the layer's bias is absent or a constant (not computed)."""
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if bias is not None and not (isinstance(bias, torch.fx.Node) and bias.op == "get_attr"):
+    return bias is None or (isinstance(bias, torch.fx.Node) and bias.op == "get_attr"), bias
+
+
+def match_dynamic_layer(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """``(x, (qmin, qmax, eps, dtype[, per_token]), w_int8, w_scale float32 [C_out], bias)`` or None."""
+    found = dynamic_input(node)
+    weight = _symmetric_weight(gm, node.args[1]) if found is not None else None
+    ok, bias = constant_bias(node)
+    if weight is None or not ok:
         return None
-    return (q.args[0], choose_args, *weight, bias)
+    return (*found, *weight, bias)
 
 
 def _symmetric_weight(gm: torch.fx.GraphModule, w_dq: object) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -125,7 +135,7 @@ def _symmetric_weight(gm: torch.fx.GraphModule, w_dq: object) -> tuple[torch.Ten
     return w.clone(), scale.to(torch.float32).clone()
 
 
-def _conv_args(node: torch.fx.Node, spatial: int) -> tuple[list[int], list[int], list[int], int]:
+def conv_args(node: torch.fx.Node, spatial: int) -> tuple[list[int], list[int], list[int], int]:
     """``(stride, padding, dilation, groups)`` of an ``aten.conv{1,2}d``, one entry per spatial dim."""
     defaults = ([1], [0], [1], 1)
     names = ("stride", "padding", "dilation", "groups")

@@ -31,12 +31,10 @@ Each new node records where it came from in ``node.meta["qgraph_reference"]``
 :func:`qgraph.check` uses to line layers up across forms. Why a quantize node was lowered
 as a plain quantize instead of a pattern is kept in ``LowerReference.skipped``.
 
-Not lowered yet (left in their Q/DQ form, so the model still computes the same):
-dynamically quantized layers (``choose_qparams`` → ``quantize_per_tensor.tensor`` /
-``*_per_token``: a reference kernel would add the runtime's own choice of per-batch
-qparams, e.g. XNNPACK's ``qd8`` rows) and per-group int4 weights (``w_scale`` of shape
-``[C_out, groups]``: :func:`qgraph.reference_ops._weight_offsets` and the multiplier are
-the places to extend). Each is one more :class:`Lowering` entry.
+Dynamically quantized layers (``choose_qparams`` → ``quantize_per_tensor.tensor`` /
+``*_per_token``, with per-channel or per-group int4 weights) have no constant-qparam
+quantize to anchor on: :class:`~qgraph.passes.lower_dynamic_reference.LowerDynamicReference`
+lowers them, and :func:`qgraph.lower` runs both passes.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from qgraph.errors import ConfigError
 from qgraph.graph import copy_graph_module
 from qgraph.modes import bind_mode_methods, eval_mode
 from qgraph.pass_manager import PassManager
+from qgraph.passes.lower_dynamic_reference import LowerDynamicReference
 from qgraph.passes.lower_reference import LowerReference
 
 TARGETS = {"xnnpack": "xnnpack", "x86": "onnxruntime", "onnxruntime": "onnxruntime"}
@@ -43,6 +44,7 @@ def lower(
 
     ``target`` picks the rounding rules (see :mod:`qgraph.reference_ops`); by default the
     runtime of the backend the model was quantized for. ``quantized`` is not changed.
+    Dynamically quantized layers become :mod:`qgraph.reference_dynamic` kernels (float out).
     Patterns without an integer kernel stay in Q/DQ form, so the result always runs.
     """
     if not isinstance(quantized, torch.fx.GraphModule) or "qgraph_converted" not in quantized.meta:
@@ -51,7 +53,8 @@ def lower(
     if target not in TARGETS:
         raise ConfigError(f"lower(target={target!r}): choose one of {sorted(TARGETS)}")
     gm = copy_graph_module(quantized)
-    gm = PassManager([LowerReference(TARGETS[target])], dump_dir=dump_dir, stage="lower")(gm)
+    runtime = TARGETS[target]
+    gm = PassManager([LowerReference(runtime), LowerDynamicReference(runtime)], dump_dir=dump_dir, stage="lower")(gm)
     gm.meta[LOWERED_KEY] = {"target": target, "runtime": TARGETS[target]}
     bind_mode_methods(gm)
     return eval_mode(gm)

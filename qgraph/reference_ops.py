@@ -43,9 +43,8 @@ under that bound for up to ``2^24 / (16·max|w|)`` terms per output (8,000 for i
 weights); longer reductions use float64, exact to ``2^53``.
 
 Extension points: a new runtime is one more name in :data:`RUNTIMES` and one branch in the
-requantization helpers below; per-group int4 weights (``w_scale`` of shape ``[C_out,
-groups]``) slot into :func:`_weight_offsets` / :func:`_requant_multiplier`; dynamic
-(per-batch) activation kernels add an op whose output is float (``acc·s_x·s_w + bias``).
+requantization helpers below. Dynamically quantized layers (float in, float out, qparams
+chosen per call; per-group int4 weights) are in :mod:`qgraph.reference_dynamic`.
 """
 
 from __future__ import annotations
