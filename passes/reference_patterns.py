@@ -142,16 +142,23 @@ def _inputs(b: Builder, nodes) -> list[IntInput] | str:
     return out
 
 
-def _build_conv(b: Builder, out: Output):
+def _weighted_operands(b: Builder):
+    """``(x, w_int, w_scale, w_zp, int32 bias)`` of a conv / linear anchor, or why not."""
     a = b.anchor
     x = b.int_input(a.args[0])
     w = b.weight(a.args[1])
     if x is None or w is None:
         return "input or weight is not dequantized from integers (per-channel weights on axis 0)"
-    w_int, w_scale, w_zp = w
-    bias = b.bias(a.args[2] if len(a.args) > 2 else None, x, w_scale)
-    if isinstance(bias, str):
-        return bias
+    bias = b.bias(a.args[2] if len(a.args) > 2 else None, x, w[1])
+    return bias if isinstance(bias, str) else (x, *w, bias)
+
+
+def _build_conv(b: Builder, out: Output):
+    operands = _weighted_operands(b)
+    if isinstance(operands, str):
+        return operands
+    x, w_int, w_scale, w_zp, bias = operands
+    a = b.anchor
     dims = a.meta["val"].dim() - 2 if isinstance(a.meta.get("val"), torch.Tensor) else 2
     stride = list(a.args[3]) if len(a.args) > 3 else [1] * dims
     padding = a.args[4] if len(a.args) > 4 else [0] * dims
@@ -164,15 +171,10 @@ def _build_conv(b: Builder, out: Output):
 
 
 def _build_linear(b: Builder, out: Output):
-    a = b.anchor
-    x = b.int_input(a.args[0])
-    w = b.weight(a.args[1])
-    if x is None or w is None:
-        return "input or weight is not dequantized from integers (per-channel weights on axis 0)"
-    w_int, w_scale, w_zp = w
-    bias = b.bias(a.args[2] if len(a.args) > 2 else None, x, w_scale)
-    if isinstance(bias, str):
-        return bias
+    operands = _weighted_operands(b)
+    if isinstance(operands, str):
+        return operands
+    x, w_int, w_scale, w_zp, bias = operands
     return b.call(ref.linear.default, (x.node, x.scale, x.zero_point, w_int, w_scale, w_zp, bias, *out.tail(), b.runtime))
 
 
