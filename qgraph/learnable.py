@@ -52,7 +52,7 @@ from torch import nn
 from qgraph.histogram import select_range, value_histogram
 from qgraph.observers import FakeQuantize
 from qgraph.qparams import fake_quantize, qparams_from_range
-from qgraph.specs import QuantSpec
+from qgraph.specs import PerGroup, QuantSpec
 
 
 def positive_levels(spec: QuantSpec) -> int:
@@ -129,10 +129,18 @@ def lsq_fake_quantize(
     ``grad_factor`` defaults to LSQ's ``1 / sqrt(n · Q_P)``; the scale is clamped below at
     ``spec.eps`` (no gradient through the clamp), as :func:`qgraph.qparams.qparams_from_range` does.
     """
-    axis = spec.granularity.axis if spec.is_per_channel else None  # type: ignore[union-attr]
     if grad_factor is None:
         grad_factor = 1.0 / math.sqrt(max(1, x.numel() // scale.numel()) * positive_levels(spec))
     s = scale.clamp_min(spec.eps)
+    if isinstance(spec.granularity, PerGroup):
+        # One scale per row of ``group_size`` elements: per channel on the regrouped view
+        # (the layout :func:`qgraph.qparams.fake_quantize` uses), then back to x's shape.
+        rows = x.reshape(-1, spec.granularity.group_size)
+        out = _LsqFakeQuantize.apply(
+            rows, s.reshape(-1), zero_point.reshape(-1), spec.quant_min, spec.quant_max, 0, grad_factor
+        )
+        return out.reshape(x.shape)
+    axis = spec.granularity.axis if spec.is_per_channel else None  # type: ignore[union-attr]
     return _LsqFakeQuantize.apply(x, s, zero_point, spec.quant_min, spec.quant_max, axis, grad_factor)
 
 
@@ -140,20 +148,21 @@ class LearnableFakeQuantize(FakeQuantize):
     """QAT fake-quant with a trained scale (and zero point for affine specs).
 
     ``channels`` is the number of scales (the size of the quantized axis for per-channel
-    specs, 1 otherwise); parameters exist from construction so an optimizer built right
+    specs, ``(rows, groups)`` for per-group ones, 1 otherwise); parameters exist from construction so an optimizer built right
     after ``prepare_qat`` holds them. The first batch sets their values. In training mode
     the gradients are LSQ's; in eval mode, or after :meth:`freeze`, the qparams are fixed
     and only ``x`` gets the straight-through gradient.
     """
 
-    def __init__(self, spec: QuantSpec, point: str = "", channels: int = 1) -> None:
+    def __init__(self, spec: QuantSpec, point: str = "", channels: int | tuple[int, ...] = 1) -> None:
         super().__init__(spec, point)
-        self.scale = nn.Parameter(torch.ones(channels))
+        shape = (channels,) if isinstance(channels, int) else tuple(channels)
+        self.scale = nn.Parameter(torch.ones(shape))
         if spec.symmetric:
             mid = 0 if spec.dtype.is_signed else (spec.quant_min + spec.quant_max + 1) // 2
-            self.register_buffer("zero_point", torch.full((channels,), float(mid)))
+            self.register_buffer("zero_point", torch.full(shape, float(mid)))
         else:
-            self.zero_point = nn.Parameter(torch.zeros(channels))
+            self.zero_point = nn.Parameter(torch.zeros(shape))
 
     def _update_range(self, x: torch.Tensor) -> None:
         """Initialize from the first data seen; afterwards the range is learned, not observed."""
@@ -167,8 +176,9 @@ class LearnableFakeQuantize(FakeQuantize):
             super()._update_range(x)  # the first batch: its min and max
         scale, zero_point = qparams_from_range(self.min_val, self.max_val, self.spec)
         with torch.no_grad():
-            self.scale.copy_(scale.to(self.scale.device).expand_as(self.scale))
-            self.zero_point.copy_(zero_point.to(self.zero_point).expand_as(self.zero_point))
+            self.scale.copy_(scale.to(self.scale.device).reshape(-1).expand(self.scale.numel()).reshape(self.scale.shape))
+            zero_point = zero_point.to(self.zero_point).reshape(-1).expand(self.zero_point.numel())
+            self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.has_range:

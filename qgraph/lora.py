@@ -34,6 +34,7 @@ from torch import nn
 
 from qgraph.errors import ConfigError
 from qgraph.graph import copy_graph_module
+from qgraph.learnable import LearnableFakeQuantize
 from qgraph.modes import bind_mode_methods, eval_mode, train_mode
 from qgraph.pass_manager import PassManager
 from qgraph.passes.add_lora import LORA_KEY, AddLora, LoraAdapter
@@ -108,9 +109,19 @@ def merge_lora(model: torch.fx.GraphModule, dump_dir: str | os.PathLike | None =
     return _finish(gm, training)
 
 
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The adapter parameters (``lora_A``, ``lora_B`` of every adapter), for an optimizer."""
-    return [p for m in model.modules() if isinstance(m, LoraAdapter) for p in m.parameters()]
+def lora_parameters(model: nn.Module, include_ranges: bool = False) -> list[nn.Parameter]:
+    """The adapter parameters (``lora_A``, ``lora_B`` of every adapter), for an optimizer.
+
+    ``include_ranges=True`` adds the learned scales and zero points of the model's
+    :class:`~qgraph.learnable.LearnableFakeQuantize` modules (a scheme with
+    ``with_learnable_ranges()``, adapters added with ``add_lora(..., train_ranges=True)``):
+    the frozen base weights keep their values while their quantization grid and the
+    activations' ranges train with the adapters (LSQ).
+    """
+    params = [p for m in model.modules() if isinstance(m, LoraAdapter) for p in m.parameters()]
+    if include_ranges:
+        params += [p for m in model.modules() if isinstance(m, LearnableFakeQuantize) for p in m.parameters()]
+    return params
 
 
 def has_lora(model: nn.Module) -> bool:

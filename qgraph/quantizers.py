@@ -21,7 +21,7 @@ from qgraph.errors import ConfigError
 from qgraph.histogram import HistogramObserver
 from qgraph.learnable import LearnableFakeQuantize
 from qgraph.observers import FakeQuantize, Observer
-from qgraph.specs import QuantSpec
+from qgraph.specs import PerGroup, QuantSpec
 
 
 def make_quantizer(spec: QuantSpec, is_qat: bool, point: str, example: object = None) -> nn.Module:
@@ -31,13 +31,18 @@ def make_quantizer(spec: QuantSpec, is_qat: bool, point: str, example: object = 
     if not is_qat:
         return HistogramObserver(spec, point=point) if spec.observer == "histogram" else Observer(spec, point=point)
     if spec.learnable:
-        channels = 1
-        if spec.is_per_channel:
+        channels: int | tuple[int, ...] = 1
+        grouped = isinstance(spec.granularity, PerGroup)
+        if spec.is_per_channel or grouped:
             if not isinstance(example, torch.Tensor):
                 raise ConfigError(
-                    f"learnable per-channel spec at {point}: the point's shape is unknown (no 'val' in node.meta)"
+                    f"learnable per-channel / per-group spec at {point}: the point's shape is unknown "
+                    "(no 'val' in node.meta)"
                 )
-            channels = int(example.shape[spec.granularity.axis])  # type: ignore[union-attr]
+            if grouped:  # [out, in] weight: one scale per group of the last dimension
+                channels = (int(example.shape[:-1].numel()), int(example.shape[-1]) // spec.granularity.group_size)
+            else:
+                channels = int(example.shape[spec.granularity.axis])  # type: ignore[union-attr]
         return LearnableFakeQuantize(spec, point=point, channels=channels)
     if spec.observer == "histogram":
         raise ConfigError(

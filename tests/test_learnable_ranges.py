@@ -247,3 +247,47 @@ def test_digits_w4a4_lsq_trains_and_converts_exactly(one_thread):
     assert accuracy(converted, data.x_test, data.y_test) >= fp32 - 1.0
     with torch.no_grad():
         assert torch.equal(qat(data.x_test), converted(data.x_test))
+
+
+# --- per-group weights (8da4w with learned int4 scales) -------------------------------
+
+
+def test_per_group_scales_get_lsq_gradients_of_their_rows():
+    """One scale per group of 32 inputs: the gradient is LSQ's over that group's 32 elements
+    (``g = 1 / sqrt(32 · Q_P)``), the same as a per-channel scale on the regrouped view."""
+    spec = QuantSpec(bits=4, symmetric=True, granularity=qgraph.PerGroup(32), learnable=True)
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    fq = LearnableFakeQuantize(spec, point="w", channels=(6, 2)).train()
+    y = fq(w)
+    assert fq.scale.shape == (6, 2)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    rows = w.reshape(12, 32)
+    _, ds, _ = lsq_gradients(rows, fq.scale.detach().reshape(-1), fq.zero_point.reshape(-1), -8, 7, 0, grad.reshape(12, 32))
+    g = 1.0 / (32 * positive_levels(spec)) ** 0.5
+    assert torch.allclose(fq.scale.grad.reshape(-1), ds * g)
+    scale, zp = fq.qparams()
+    assert torch.equal(y.detach(), fake_quantize(w, scale, zp, spec))  # what eval and convert compute
+
+
+def test_8da4w_with_learned_group_scales_trains_and_converts_exactly():
+    from qgraph.lowbit import int8_dynamic_int4_weight
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(4))
+    scheme = int8_dynamic_int4_weight(32).with_learnable_ranges()
+    p = qgraph.prepare_qat(model, (x,), config=qgraph.QConfig(scheme=scheme))
+    learned = [m for m in p.modules() if isinstance(m, LearnableFakeQuantize)]
+    assert sorted(tuple(m.scale.shape) for m in learned) == [(8, 2), (64, 2)]
+    p(x)  # the first batch sets the scales
+    start = [m.scale.detach().clone() for m in learned]
+    opt = torch.optim.SGD(p.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = p(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(not torch.equal(a, m.scale.detach()) for a, m in zip(start, learned))
+    p.eval()
+    assert torch.equal(qgraph.convert(p)(x), p(x))

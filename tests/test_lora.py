@@ -97,3 +97,32 @@ def test_8da4w_unmerged_pte_matches_converted(tmp_path):
     # XNNPACK's qd8-qb4w kernels compute the same int8 products; float rounding of the dequantized
     # sums and of the float adapter path differs by a few ulps of outputs of size ~1.
     torch.testing.assert_close(qgraph.load_pte(tmp_path / "lora.pte")(x), unmerged(x), rtol=0, atol=1e-5)
+
+
+def test_learned_group_scales_train_with_the_adapters_and_convert_exactly():
+    """8da4w with LSQ ranges: ``train_ranges`` keeps the int4 group scales trainable and
+    ``include_ranges`` hands them to the optimizer with the adapters; the base weights stay
+    as they were; convert computes what eval does."""
+    from qgraph.learnable import LearnableFakeQuantize
+
+    torch.manual_seed(0)
+    x, y = _data()
+    scheme = int8_dynamic_int4_weight(32).with_learnable_ranges()
+    prepared = qgraph.prepare_qat(Mlp().train(), (x,), config=qgraph.QConfig(scheme=scheme))
+    model = add_lora(prepared, r=4, alpha=8, targets=".*", train_ranges=True)
+    model(x)  # the first batch sets the learned scales
+    ranges = [m for m in model.modules() if isinstance(m, LearnableFakeQuantize)]
+    params = lora_parameters(model, include_ranges=True)
+    assert len(params) == len(lora_parameters(model)) + len(ranges) == 6 + 3  # one weight grid per linear
+    base = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("weight") and "lora" not in k}
+    scales = [m.scale.detach().clone() for m in ranges]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(5):
+        loss = (model(x) - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
+    assert all(not torch.equal(a, m.scale.detach()) for a, m in zip(scales, ranges))
+    model = qgraph.eval_mode(model)
+    assert torch.equal(qgraph.convert(model)(x), model(x))
