@@ -1,0 +1,136 @@
+"""Benchmark the x86 backend's int8 ``.onnx`` in ONNX Runtime against the fp32 model and two oracles.
+
+Models: torchvision ``resnet18`` and ``mobilenet_v2`` (random init, batch-norm statistics
+settled on random images, 224x224, batch 1). Four ONNX models of each run in ONNX
+Runtime's CPU provider (default graph optimizations, so its fused integer kernels):
+
+* ``fp32``: the float model (``torch.onnx`` through qgraph's emitter);
+* ``qgraph-x86``: ``prepare_ptq(backend="x86")``, calibrated, converted, ``export_onnx``;
+* ``torchao``: torchao's PT2E flow (``prepare_pt2e`` with ExecuTorch's XNNPACKQuantizer,
+  per-channel), calibrated on the same batches, exported with ``torch.onnx``;
+* ``ort-quantizer``: ONNX Runtime's own ``quantize_static`` of the fp32 ``.onnx`` (QDQ,
+  uint8 activations, per-channel int8 weights, min-max calibration on the same batches).
+
+One JSON line per model and flow with ``latency_ms`` (median of batch-1 runs, all four
+timed round-robin after warm-ups) and ``vs_fp32`` (latency over fp32's; the issue asks
+≤ 0.55 for ``qgraph-x86`` and lower than ``ort-quantizer``). ``other_cores`` says how many
+cores other processes kept busy meanwhile: absolute numbers only mean something near 0.
+
+    python bench/x86_onnx.py [--models resnet18,mobilenet_v2] [--reps 30] > x86_onnx.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pipeline import OtherLoad, emit, interleaved_medians, log, redirect_noise_to_stderr  # noqa: E402
+
+import pipeline  # noqa: E402
+import qgraph  # noqa: E402
+from qgraph.backends.onnx_emitter import write_onnx  # noqa: E402
+from qgraph.models.vision import build_torchvision  # noqa: E402
+
+RESOLUTION = 224
+CALIBRATION_BATCHES = 4
+
+
+def _settled(name: str, generator: torch.Generator) -> torch.nn.Module:
+    """The model with batch-norm statistics of random images, so every layer sees real ranges."""
+    torch.manual_seed(0)
+    model = build_torchvision(name)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, RESOLUTION, RESOLUTION, generator=generator))
+    return model.eval()
+
+
+def _torchao(model: torch.nn.Module, batches: list[torch.Tensor], x1: torch.Tensor, path: Path) -> Path:
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)  # calibrated at batch 2, served at batch 1
+    gm = torch.export.export(model, (batches[0],), dynamic_shapes=({0: batch},)).module()
+    prepared = prepare_pt2e(gm, XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)))
+    with torch.no_grad():
+        for b in batches:
+            prepared(b)
+    return write_onnx(convert_pt2e(prepared), (x1,), None, path)
+
+
+def _ort_quantizer(fp32_path: Path, batches: list[torch.Tensor], path: Path) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    import onnxruntime as ort
+
+    name = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{name: b[i : i + 1].numpy()} for b in batches for i in range(b.shape[0])])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(fp32_path), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+    return path
+
+
+def benchmark(name: str, reps: int, workdir: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    model = _settled(name, g)
+    batches = [torch.randn(2, 3, RESOLUTION, RESOLUTION, generator=g) for _ in range(CALIBRATION_BATCHES)]
+    x1 = torch.randn(1, 3, RESOLUTION, RESOLUTION, generator=g)
+    paths: dict[str, Path] = {}
+    log(f"{name}: fp32 .onnx")
+    paths["fp32"] = Path(write_onnx(model, (x1,), None, workdir / f"{name}_fp32.onnx"))
+    log(f"{name}: qgraph x86")
+    prepared = qgraph.prepare_ptq(model, (batches[0],), backend="x86")
+    qgraph.calibrate(prepared, batches, progress=False)
+    paths["qgraph-x86"] = Path(qgraph.export_onnx(qgraph.convert(prepared), (x1,), workdir / f"{name}_x86.onnx"))
+    log(f"{name}: torchao PT2E")
+    paths["torchao"] = Path(_torchao(model, batches, x1, workdir / f"{name}_torchao.onnx"))
+    log(f"{name}: ONNX Runtime quantize_static")
+    paths["ort-quantizer"] = _ort_quantizer(paths["fp32"], batches, workdir / f"{name}_ort_qdq.onnx")
+
+    runs = {flow: qgraph.load_onnx(path) for flow, path in paths.items()}
+    with OtherLoad() as load:
+        seconds = interleaved_medians({flow: (lambda run=run: run(x1)) for flow, run in runs.items()}, 3, reps)
+    for flow, s in seconds.items():
+        emit({
+            "kind": "onnxruntime_latency", "model": name, "flow": flow, "latency_ms": round(1000 * s, 3),
+            "vs_fp32": round(s / seconds["fp32"], 3), "size_mb": round(paths[flow].stat().st_size / 2**20, 2),
+            "other_cores": load.cores,
+        })  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,mobilenet_v2")
+    parser.add_argument("--reps", type=int, default=30)
+    args = parser.parse_args(argv)
+    pipeline.JSON_OUT = redirect_noise_to_stderr()
+    torch.set_num_threads(pipeline.NUM_THREADS)
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            benchmark(name, args.reps, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
