@@ -36,7 +36,7 @@ from pipeline import OtherLoad, emit, interleaved_medians, log, redirect_noise_t
 import pipeline  # noqa: E402
 import qgraph  # noqa: E402
 from qgraph.backends.onnx_emitter import write_onnx  # noqa: E402
-from qgraph.models.vision import build_torchvision  # noqa: E402
+from qgraph.models.vision import build_torchvision, settle_batch_norm  # noqa: E402
 
 RESOLUTION = 224
 CALIBRATION_BATCHES = 4
@@ -44,17 +44,8 @@ CALIBRATION_BATCHES = 4
 
 def _settled(name: str, generator: torch.Generator) -> torch.nn.Module:
     """The model with batch-norm statistics of random images, so every layer sees real ranges."""
-    torch.manual_seed(0)
     model = build_torchvision(name)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(4, 3, RESOLUTION, RESOLUTION, generator=generator))
-    return model.eval()
+    return settle_batch_norm(model, [torch.randn(4, 3, RESOLUTION, RESOLUTION, generator=generator) for _ in range(3)])
 
 
 def _torchao(model: torch.nn.Module, batches: list[torch.Tensor], x1: torch.Tensor, path: Path) -> Path:

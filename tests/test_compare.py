@@ -19,7 +19,7 @@ from torch import nn
 
 import qgraph
 from qgraph.compare import LayerErrorReport, compare, plot_layer_histograms, sqnr_db
-from qgraph.models.vision import build_torchvision
+from qgraph.models.vision import build_torchvision, settle_batch_norm
 from qgraph.observers import Observer
 from qgraph.passes.fuse_conv_bn_qat import SIMULATED_BN_KEY
 from qgraph.passes.insert_quantizers import QUANTIZER_KEY
@@ -35,18 +35,6 @@ FLOAT_PATH_MIN_DB = 60.0
 and far below any int8 error, so a mismatched node (about 0 dB) cannot pass."""
 
 
-def _bn_stats_from(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
-    for mod in model.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            mod.reset_running_stats()
-            mod.momentum = None  # cumulative average over the batches
-    model.train()
-    with torch.no_grad():
-        for batch in batches:
-            model(batch)
-    return model.eval()
-
-
 def _batches(n: int, shape: tuple[int, ...], seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(*shape, generator=g) for _ in range(n)]
@@ -60,7 +48,7 @@ def batches() -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def mobilenet() -> nn.Module:
     model = build_torchvision("mobilenet_v2")
-    return _bn_stats_from(model, _batches(2, (4, 3, 64, 64), seed=2))
+    return settle_batch_norm(model, _batches(2, (4, 3, 64, 64), seed=2))
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ import qgraph
 from qgraph.backends.xnnpack import xnnpack_scheme
 from qgraph.check import check
 from qgraph.models.digits import DigitsCNN, load_digits_split
-from qgraph.models.vision import build_torchvision
+from qgraph.models.vision import build_torchvision, settle_batch_norm
 from qgraph.specs import Int32Bias
 from tests.passes.test_lower_reference import EveryOp
 
@@ -54,16 +54,8 @@ def _assert_conformant(report, runtime: str) -> None:
 
 
 def _bn_from_data(model: torch.nn.Module, size: int, generator: torch.Generator) -> torch.nn.Module:
-    """Batch-norm statistics of a random model measured on random images (cumulative average)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(4, 3, size, size, generator=generator))
-    return model.eval()
+    """Batch-norm statistics of a random model measured on three batches of random images."""
+    return settle_batch_norm(model, [torch.randn(4, 3, size, size, generator=generator) for _ in range(3)])
 
 
 @pytest.mark.parametrize("backend", ["xnnpack", "x86"])

@@ -16,6 +16,7 @@ from torch import nn
 import qgraph
 from qgraph import CalibrationError, ConfigError, PerChannel, QuantSpec
 from qgraph.histogram import HistogramObserver, select_range, value_histogram
+from qgraph.models.vision import settle_batch_norm
 from qgraph.observers import FakeQuantize, Observer
 from qgraph.presets import histogram_ptq, learnable_qat
 from qgraph.qdq_ops import qd
@@ -246,19 +247,6 @@ def with_glitch(batch: torch.Tensor, seed: int, value: float = 60.0) -> torch.Te
     return flat.reshape(batch.shape)
 
 
-def recalibrate_bn(model: nn.Module, batches) -> nn.Module:
-    """BN running statistics from ``batches`` (cumulative average): realistic activation ranges."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for b in batches:
-            model(b)
-    return model.eval()
-
-
 def output_sqnr_db(model: nn.Module, converted: torch.fx.GraphModule, x: torch.Tensor) -> float:
     with torch.no_grad():
         ref, out = model(x), converted(x)
@@ -303,7 +291,7 @@ FAST_MARGIN_DB = {"mse": 4.0, "entropy": 10.0, "percentile": 10.0}
 @pytest.fixture(scope="module")
 def small_setup():
     torch.manual_seed(0)
-    model = recalibrate_bn(SmallResNet(), [smooth_images(32, 32, s) for s in range(2)])
+    model = settle_batch_norm(SmallResNet(), [smooth_images(32, 32, s) for s in range(2)])
     calibration = [smooth_images(16, 32, 10 + s) for s in range(16)]
     calibration[1] = with_glitch(calibration[1], 0)
     test = smooth_images(64, 32, 99)
@@ -334,7 +322,7 @@ MOBILENET_MARGIN_DB = {"mse": 1.5, "entropy": 2.5, "percentile": 2.5}
 def mobilenet_setup():
     from qgraph.models.vision import build_torchvision
 
-    model = recalibrate_bn(build_torchvision("mobilenet_v2"), [smooth_images(16, 96, 100 + s) for s in range(4)])
+    model = settle_batch_norm(build_torchvision("mobilenet_v2"), [smooth_images(16, 96, 100 + s) for s in range(4)])
     calibration = [smooth_images(8, 96, 200 + s) for s in range(6)]
     calibration[2] = with_glitch(calibration[2], 0)
     test = smooth_images(32, 96, 999)

@@ -43,6 +43,7 @@ from qgraph.backends import get_backend
 from qgraph.coverage import coverage
 from qgraph.demo import output_scale
 from qgraph.models.vision import build_torchvision
+from qgraph.models.vision import settle_batch_norm as settle_on_data
 from tests.layerwise import codes, layer_steps, with_quantized_outputs
 
 RESOLUTION = 64
@@ -110,19 +111,8 @@ class Flow:
 
 
 def settle_batch_norm(model: nn.Module, generator: torch.Generator, batches: int = 4) -> nn.Module:
-    """Set every BN's running statistics to those of random inputs (cumulative average)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            model(torch.randn(8, 3, RESOLUTION, RESOLUTION, generator=generator))
-    for bn, momentum in zip(bns, momenta):
-        bn.momentum = momentum
-    return model.eval()
+    """BN statistics of ``batches`` random batches of 8 images (see :func:`qgraph.models.vision.settle_batch_norm`)."""
+    return settle_on_data(model, [torch.randn(8, 3, RESOLUTION, RESOLUTION, generator=generator) for _ in range(batches)])
 
 
 def dynamic_config(backend: str) -> QConfig:
