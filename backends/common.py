@@ -49,6 +49,16 @@ def constant_weight(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str
     return None
 
 
+def not_depthwise(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
+    """Refuse a depthwise conv (one input channel per group, ``weight.shape[1] == 1``)."""
+    anchor = nodes[0]
+    groups = anchor.args[6] if len(anchor.args) > 6 else anchor.kwargs.get("groups", 1)
+    weight = anchor.args[1].meta.get("val") if isinstance(anchor.args[1], torch.fx.Node) else None
+    if groups > 1 and isinstance(weight, torch.Tensor) and weight.shape[1] == 1:
+        return "depthwise conv: the runtime has no dynamically quantized depthwise kernel"
+    return None
+
+
 def float_input(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
     """Unary ops are quantized only on float tensors."""
     return None if has_float_output(nodes[0].args[0]) else "input is not a float tensor"

@@ -43,6 +43,7 @@ from qgraph.backends.common import (
     constant_weight,
     float_input,
     float_tensor_operands,
+    not_depthwise,
 )
 from qgraph.rules import Backend, OpRule, QuantScheme
 from qgraph.specs import PerChannel, PerTensor, PerToken, QuantSpec
@@ -92,7 +93,11 @@ def xnnpack_dynamic_scheme(per_token: bool = False) -> QuantScheme:
 
 RULES: tuple[OpRule, ...] = (
     OpRule("conv_relu", (CONV_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
-    OpRule("conv", (CONV_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_CONV),
+    # XNNPACK delegates no dynamically quantized depthwise conv: it would run in ExecuTorch's
+    # portable kernels, and followed by an SE block it makes the next delegate fail to
+    # resize at run time (xnn_status_invalid_parameter, mobilenet_v3); kept float, it is
+    # delegated as a float conv.
+    OpRule("conv", (CONV_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_CONV, dynamic_check=not_depthwise),
     OpRule("linear_relu", (LINEAR_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
     OpRule("linear", (LINEAR_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_LINEAR),
     OpRule("add_relu", (ADD_OPS, ACTIVATION_OPS), BINARY, "act", float_tensor_operands),

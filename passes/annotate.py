@@ -116,8 +116,8 @@ class Annotate(Pass):
             return self._refuse(
                 anchor, rule, "quantized only by a weight-only scheme (activation=None), e.g. qgraph.embedding_weight_only()"
             )
-        if rule.check is not None:
-            reason = rule.check(gm, chain)
+        for check in (rule.check, rule.dynamic_check if scheme.is_dynamic else None):
+            reason = check(gm, chain) if check is not None else None
             if reason:
                 return self._refuse(anchor, rule, reason)
         inputs = self._input_specs(rule, anchor, scheme)

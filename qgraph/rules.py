@@ -116,6 +116,9 @@ class OpRule:
     needs_weight_only: bool = False
     """The rule applies only with a weight-only scheme (``activation=None``): an embedding,
     whose input is indices, is quantized weight-only or not at all."""
+    dynamic_check: Check | None = None
+    """A further check that applies only with a dynamic scheme: where the runtime's dynamic
+    kernels cover less than its static ones (XNNPACK has no dynamic depthwise conv)."""
 
     def __hash__(self) -> int:
         return hash(self.name)

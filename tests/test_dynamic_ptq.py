@@ -277,3 +277,46 @@ def test_transformer_encoder_layer_pte(encoder, tmp_path):
     with torch.no_grad():
         # Per-token ranges are XNNPACK's own (one per row), so the .pte is the reference.
         assert _relative(qgraph.load_pte(tmp_path / "enc.pte")(x[:1]), q(x[:1])) < EXACT
+
+
+class SqueezeBlock(nn.Module):
+    """MobileNetV3's inverted residual: expand 1x1 → depthwise 5x5 → SE → project 1x1."""
+
+    def __init__(self) -> None:
+        from torchvision.ops.misc import SqueezeExcitation
+
+        super().__init__()
+        self.expand = nn.Conv2d(16, 32, 1)
+        self.depthwise = nn.Conv2d(32, 32, 5, stride=2, padding=2, groups=32)
+        self.se = SqueezeExcitation(32, 8, scale_activation=nn.Hardsigmoid)
+        self.project = nn.Conv2d(32, 24, 1)
+
+    def forward(self, x):
+        x = nn.functional.hardswish(self.depthwise(nn.functional.hardswish(self.expand(x))))
+        return self.project(self.se(x))
+
+
+@pytest.mark.parametrize("backend", ["xnnpack", "x86"])
+def test_depthwise_conv_is_dynamic_only_where_the_runtime_has_the_kernel(backend, tmp_path):
+    """XNNPACK has no dynamic depthwise conv: quantized, it ran in portable kernels and the
+    delegate after it (the SE block) failed to resize at run time (measured on
+    mobilenet_v3_small). The rule keeps it float, with the reason; the ``.pte`` runs with
+    every conv delegated. ONNX Runtime's ``ConvInteger`` takes groups: x86 quantizes it."""
+    torch.manual_seed(0)
+    model, x = SqueezeBlock().eval(), torch.randn(2, 16, 16, 16)
+    config = dynamic_config(backend).set_module_name(r"se\..*", None)
+    q = quantize_dynamic(model, (x,), backend=backend, config=config)
+    layers = {la.module: la for la in qgraph.coverage(q).layers}
+    depthwise = layers["depthwise"]
+    assert depthwise.quantized == (backend == "x86")
+    assert backend == "x86" or "depthwise conv" in depthwise.reason
+    assert [m for m, la in layers.items() if la.quantized and m != "depthwise"] == ["expand", "project"]
+    if backend == "xnnpack":
+        report = qgraph.export_pte(q, (x[:1],), tmp_path / "block.pte")
+        assert not report.not_delegated.get("aten_convolution_default")
+        out, want = qgraph.load_pte(report.path)(x[:1]), q(x[:1])
+        # XNNPACK picks a conv input's range per pixel row, the graph per tensor: two 8-bit
+        # quantizations of the same values, each ~40 dB from float; a wrong layout or
+        # scale gives about 0 dB.
+        sqnr = 10 * torch.log10(want.square().sum() / (out - want).square().sum()).item()
+        assert sqnr >= 30.0, sqnr
