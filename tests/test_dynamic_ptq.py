@@ -297,26 +297,24 @@ class SqueezeBlock(nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["xnnpack", "x86"])
-def test_depthwise_conv_is_dynamic_only_where_the_runtime_has_the_kernel(backend, tmp_path):
+def test_dynamic_depthwise_conv_stays_float_and_the_pte_runs(backend, tmp_path):
     """XNNPACK has no dynamic depthwise conv: quantized, it ran in portable kernels and the
     delegate after it (the SE block) failed to resize at run time (measured on
-    mobilenet_v3_small). The rule keeps it float, with the reason; the ``.pte`` runs with
-    every conv delegated. ONNX Runtime's ``ConvInteger`` takes groups: x86 quantizes it."""
+    mobilenet_v3_small, both backends' ``.pte``). The rules keep it float, with the reason;
+    the ``.pte`` runs with every conv delegated."""
     torch.manual_seed(0)
     model, x = SqueezeBlock().eval(), torch.randn(2, 16, 16, 16)
     config = dynamic_config(backend).set_module_name(r"se\..*", None)
     q = quantize_dynamic(model, (x,), backend=backend, config=config)
     layers = {la.module: la for la in qgraph.coverage(q).layers}
     depthwise = layers["depthwise"]
-    assert depthwise.quantized == (backend == "x86")
-    assert backend == "x86" or "depthwise conv" in depthwise.reason
-    assert [m for m, la in layers.items() if la.quantized and m != "depthwise"] == ["expand", "project"]
-    if backend == "xnnpack":
-        report = qgraph.export_pte(q, (x[:1],), tmp_path / "block.pte")
-        assert not report.not_delegated.get("aten_convolution_default")
-        out, want = qgraph.load_pte(report.path)(x[:1]), q(x[:1])
-        # XNNPACK picks a conv input's range per pixel row, the graph per tensor: two 8-bit
-        # quantizations of the same values, each ~40 dB from float; a wrong layout or
-        # scale gives about 0 dB.
-        sqnr = 10 * torch.log10(want.square().sum() / (out - want).square().sum()).item()
-        assert sqnr >= 30.0, sqnr
+    assert not depthwise.quantized and "depthwise conv" in depthwise.reason
+    assert [m for m, la in layers.items() if la.quantized] == ["expand", "project"]
+    report = qgraph.export_pte(q, (x[:1],), tmp_path / "block.pte")
+    assert not report.not_delegated.get("aten_convolution_default")
+    out, want = qgraph.load_pte(report.path)(x[:1]), q(x[:1])
+    # XNNPACK picks a conv input's range per pixel row, the graph per tensor: two 8-bit
+    # quantizations of the same values, each ~40 dB from float; a wrong layout or scale
+    # gives about 0 dB.
+    sqnr = 10 * torch.log10(want.square().sum() / (out - want).square().sum()).item()
+    assert sqnr >= 30.0, sqnr
