@@ -313,8 +313,9 @@ def test_dynamic_depthwise_conv_stays_float_and_the_pte_runs(backend, tmp_path):
     report = qgraph.export_pte(q, (x[:1],), tmp_path / "block.pte")
     assert not report.not_delegated.get("aten_convolution_default")
     out, want = qgraph.load_pte(report.path)(x[:1]), q(x[:1])
-    # XNNPACK picks a conv input's range per pixel row, the graph per tensor: two 8-bit
-    # quantizations of the same values, each ~40 dB from float; a wrong layout or scale
-    # gives about 0 dB.
+    # Not bit-exact: the float ops before the dynamic project conv (the SE block's mean,
+    # hardsigmoid and multiply, depthwise conv) round differently in XNNPACK, and an input
+    # that crosses a rounding boundary of the dynamic quantizer moves one step. Both are
+    # 8-bit versions of the same values (~40 dB apart); a wrong layout or scale gives ~0 dB.
     sqnr = 10 * torch.log10(want.square().sum() / (out - want).square().sum()).item()
     assert sqnr >= 30.0, sqnr
