@@ -27,6 +27,7 @@ from qgraph.pass_manager import Pass, PassResult
 from qgraph.passes.lower_dynamic_to_integer import constant_bias, conv_args, dynamic_input, match_dynamic_layer
 from qgraph.qdq_ops import qd
 from qgraph.reference_dynamic import dynamic_conv, dynamic_linear  # noqa: F401  (registers the ops)
+from qgraph.reference_ops import RUNTIMES
 
 ref = torch.ops.qgraph_ref
 
@@ -53,6 +54,8 @@ class LowerDynamicReference(Pass):
     name = "lower_dynamic_reference"
 
     def __init__(self, runtime: str = "xnnpack") -> None:
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime={runtime!r} is not known; choose one of {RUNTIMES}")
         self.runtime = runtime
         self.skipped: dict[str, str] = {}
 
