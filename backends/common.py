@@ -59,6 +59,29 @@ def not_depthwise(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str |
     return None
 
 
+def not_after_channel_shuffle(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
+    """Refuse a layer whose input is reshaped from a tensor of more than 4 dimensions (the
+    ``view(n, g, c/g, h, w) → transpose → view`` of a channel shuffle)."""
+    node = nodes[0].args[0]
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in SHAPE_OPS:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() > 4:
+            return "input comes through a 5-d reshape (channel shuffle): XNNPACK fails to resize its dynamic form"
+        node = node.args[0]
+    return None
+
+
+def dynamic_conv_supported(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
+    """What XNNPACK's dynamically quantized conv takes (both backends' ``.pte`` run in it).
+
+    Measured with ExecuTorch 1.5: a dynamic depthwise conv is not delegated (it runs in the
+    portable kernels) and, followed by an SE block, the next delegate fails to resize at
+    run time (mobilenet_v3); a dynamic conv fed by a channel shuffle fails to resize
+    (shufflenet_v2). Both fail with ``xnn_status_invalid_parameter``; kept float, they run.
+    """
+    return not_depthwise(gm, nodes) or not_after_channel_shuffle(gm, nodes)
+
+
 def float_input(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
     """Unary ops are quantized only on float tensors."""
     return None if has_float_output(nodes[0].args[0]) else "input is not a float tensor"

@@ -46,7 +46,7 @@ from qgraph.backends.common import (
     constant_weight,
     float_input,
     float_tensor_operands,
-    not_depthwise,
+    dynamic_conv_supported,
 )
 from qgraph.rules import Backend, OpRule, QuantScheme
 from qgraph.specs import Int32Bias, PerChannel, PerTensor, PerToken, QuantSpec
@@ -94,10 +94,9 @@ def x86_dynamic_scheme(per_token: bool = False) -> QuantScheme:
 
 RULES: tuple[OpRule, ...] = (
     OpRule("conv_relu", (CONV_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
-    # Dynamic depthwise convs stay float, as on XNNPACK: the x86 .pte runs in XNNPACK, which
-    # has no dynamic depthwise kernel (see backends/xnnpack.py), and ONNX Runtime's generic
-    # ConvInteger is no faster than its float depthwise kernel.
-    OpRule("conv", (CONV_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_CONV, dynamic_check=not_depthwise),
+    # Dynamic convs only where XNNPACK runs them (backends/common.py: dynamic_conv_supported):
+    # the x86 .pte runs in XNNPACK too, and ONNX Runtime's ConvInteger is no faster for these.
+    OpRule("conv", (CONV_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_CONV, dynamic_check=dynamic_conv_supported),
     OpRule("linear_relu", (LINEAR_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
     OpRule("linear", (LINEAR_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_LINEAR),
     OpRule("matmul", (MATMUL_OPS,), BINARY, "act", float_tensor_operands),

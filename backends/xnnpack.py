@@ -43,7 +43,7 @@ from qgraph.backends.common import (
     constant_weight,
     float_input,
     float_tensor_operands,
-    not_depthwise,
+    dynamic_conv_supported,
 )
 from qgraph.rules import Backend, OpRule, QuantScheme
 from qgraph.specs import PerChannel, PerTensor, PerToken, QuantSpec
@@ -93,11 +93,8 @@ def xnnpack_dynamic_scheme(per_token: bool = False) -> QuantScheme:
 
 RULES: tuple[OpRule, ...] = (
     OpRule("conv_relu", (CONV_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
-    # XNNPACK delegates no dynamically quantized depthwise conv: it would run in ExecuTorch's
-    # portable kernels, and followed by an SE block it makes the next delegate fail to
-    # resize at run time (xnn_status_invalid_parameter, mobilenet_v3); kept float, it is
-    # delegated as a float conv.
-    OpRule("conv", (CONV_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_CONV, dynamic_check=not_depthwise),
+    # Dynamic convs only where XNNPACK runs them (backends/common.py: dynamic_conv_supported).
+    OpRule("conv", (CONV_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_CONV, dynamic_check=dynamic_conv_supported),
     OpRule("linear_relu", (LINEAR_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
     OpRule("linear", (LINEAR_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_LINEAR),
     OpRule("add_relu", (ADD_OPS, ACTIVATION_OPS), BINARY, "act", float_tensor_operands),
