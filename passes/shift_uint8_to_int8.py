@@ -13,7 +13,9 @@ the converted reference does.
 Rewritten: ``quantize_per_tensor`` / ``dequantize_per_tensor`` (constant qparams: ``zp -
 128``), their ``.tensor`` forms and ``choose_qparams.tensor`` (dynamic qparams: the range
 ``[qmin, qmax]`` moves by -128, so the chosen scale is unchanged and the zero point moves
-by -128). uint8 per-channel tensors (never activations) are left as they are.
+by -128). A uint8 constant that a dequantize reads (a parameter used as an activation,
+e.g. ConvNeXt's ``layer_scale``) is replaced by its int8 copy. uint8 per-channel tensors
+(never activations) are left as they are.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qgraph.graph import is_op
+from qgraph.graph import add_constant, get_constant, is_op, remove_dead_nodes
 from qgraph.pass_manager import Pass, PassResult
 from qgraph.qdq_ops import qd
 
@@ -40,6 +42,7 @@ class ShiftUint8ToInt8(Pass):
     name = "shift_uint8_to_int8"
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        self._shifted: dict[torch.fx.Node, torch.fx.Node] = {}
         shifted = 0
         for node in gm.graph.nodes:
             if not is_op(node, _CONSTANT_QPARAMS | _RANGE_ONLY | _CHOOSE) or node.args[-1] != torch.uint8:
@@ -52,9 +55,30 @@ class ShiftUint8ToInt8(Pass):
                     args[2] = int(args[2]) - SHIFT
                 args[3], args[4] = args[3] - SHIFT, args[4] - SHIFT
             args[-1] = torch.int8
+            if node.target in _CONSTANT_QPARAMS and _is_constant(args[0]):
+                args[0] = self._shifted_constant(gm, args[0])
             node.args = tuple(args)
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor) and val.dtype == torch.uint8:
                 node.meta["val"] = val.to(torch.int8)
             shifted += 1
+        if self._shifted:
+            remove_dead_nodes(gm)
         return PassResult(gm, shifted > 0)
+
+    def _shifted_constant(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node:
+        """A quantized constant read as an activation (ConvNeXt's ``layer_scale`` in a mul)
+        holds uint8 codes: its int8 copy, 128 lower, shared by every dequantize of it."""
+        if node in self._shifted:
+            return self._shifted[node]
+        codes = get_constant(gm, node)
+        if codes.dtype != torch.uint8:
+            return node
+        with gm.graph.inserting_before(node):
+            new = add_constant(gm, f"{node.target}_s8", (codes.to(torch.int16) - SHIFT).to(torch.int8), like=node)
+        self._shifted[node] = new
+        return new
+
+
+def _is_constant(node: object) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "get_attr"

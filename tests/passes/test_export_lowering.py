@@ -109,3 +109,36 @@ def test_lower_dynamic_to_integer(dynamic_models, x86_static, backend):
         assert torch.equal(lowered(x[:1]), gm(x[:1]))  # qparams still chosen per call
     assert not _apply(LowerDynamicToInteger(), lowered).modified
     assert not _apply(LowerDynamicToInteger(), x86_static[0]).modified  # static layers are not its business
+
+
+class LayerScale(torch.nn.Module):
+    """ConvNeXt's ``layer_scale * x``: a parameter multiplied as an activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.layer_scale = torch.nn.Parameter(torch.linspace(0.1, 1.0, 4).reshape(4, 1, 1))
+
+    def forward(self, x):
+        return self.layer_scale * self.conv(x)
+
+
+def test_shift_uint8_to_int8_shifts_quantized_constants():
+    """A constant read through a uint8 dequantize gets an int8 copy 128 lower (without it the
+    shifted dequantize read uint8 codes as int8: the converted ConvNeXt ran no more)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    p = qgraph.prepare_ptq(LayerScale().eval(), (x,), backend="x86")
+    qgraph.calibrate(p, [x], progress=False)
+    gm = qgraph.convert(p)
+    constants = [n for n in gm.graph.nodes if n.target == qd.dequantize_per_tensor.default and n.args[0].op == "get_attr"]
+    assert constants and all(gm.get_buffer(n.args[0].target).dtype == torch.uint8 for n in constants)
+    result = _apply(ShiftUint8ToInt8(), gm)
+    out = result.graph_module
+    read = [n for n in out.graph.nodes if n.target == qd.dequantize_per_tensor.default and n.args[0].op == "get_attr"]
+    assert len(read) == len(constants)
+    for node in read:
+        assert out.get_buffer(node.args[0].target).dtype == torch.int8 and node.args[2] < 0
+        assert node.args[0].meta.get("from_node")  # provenance of the new constant
+    with torch.no_grad():
+        assert torch.equal(out(x), gm(x))
