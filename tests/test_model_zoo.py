@@ -131,6 +131,12 @@ def run_flow(name: str, backend: str, mode: str) -> Flow:
         # ViT zero-initializes its classifier: its output would be the constant bias.
         if isinstance(module, nn.Linear) and not module.weight.any():
             nn.init.normal_(module.weight, std=0.02, generator=g)
+    for block_name, param in model.named_parameters():
+        # ConvNeXt starts its layer_scale at 1e-6: every residual branch would be ~1e-6 and
+        # quantize to zeros under the 2^-12 floor of the scale (torchao's XNNPACK eps too).
+        if block_name.endswith("layer_scale"):
+            with torch.no_grad():
+                param.uniform_(0.1, 1.0, generator=g)
     model = settle_batch_norm(model, g)
     x = torch.randn(4, 3, RESOLUTION, RESOLUTION, generator=g)
     calibration = []
