@@ -23,11 +23,12 @@ import torch
 import torch.fx
 
 from qgraph.graph import CONV_OPS, LINEAR_OPS, add_constant, get_constant, is_op, remove_dead_nodes, replace_node
-from qgraph.pass_manager import Pass, PassResult
+from qgraph.pass_manager import PassResult
 from qgraph.passes.lower_dynamic_to_integer import constant_bias, conv_args, dynamic_input, match_dynamic_layer
+from qgraph.passes.reference_patterns import RuntimeLowering
 from qgraph.qdq_ops import qd
 from qgraph.reference_dynamic import dynamic_conv, dynamic_linear  # noqa: F401  (registers the ops)
-from qgraph.reference_ops import RUNTIMES
+
 
 ref = torch.ops.qgraph_ref
 
@@ -48,16 +49,10 @@ def _group_weight(gm: torch.fx.GraphModule, w_dq: object) -> tuple[torch.Tensor,
     return w.clone(), scale.to(torch.float32).reshape(w.shape[0], -1).clone(), int(group_size)
 
 
-class LowerDynamicReference(Pass):
+class LowerDynamicReference(RuntimeLowering):
     """Rewrite each dynamically quantized linear / conv into a ``qgraph_ref`` dynamic kernel."""
 
     name = "lower_dynamic_reference"
-
-    def __init__(self, runtime: str = "xnnpack") -> None:
-        if runtime not in RUNTIMES:
-            raise ValueError(f"runtime={runtime!r} is not known; choose one of {RUNTIMES}")
-        self.runtime = runtime
-        self.skipped: dict[str, str] = {}
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         self.skipped = {}

@@ -45,11 +45,10 @@ import torch
 import torch.fx
 
 from qgraph.graph import copy_provenance, is_op, remove_dead_nodes, single_user
-from qgraph.pass_manager import Pass, PassResult
-from qgraph.passes.reference_patterns import ACTIVATIONS, LOWERINGS, Builder, Lowering, Output
+from qgraph.pass_manager import PassResult
+from qgraph.passes.reference_patterns import ACTIVATIONS, LOWERINGS, Builder, Lowering, Output, RuntimeLowering
 from qgraph.passes.reference_patterns import activation_bounds, quantize_bound
 from qgraph.qdq_ops import qd
-from qgraph.reference_ops import RUNTIMES
 
 ref = torch.ops.qgraph_ref
 
@@ -67,16 +66,10 @@ class LoweredFrom:
     anchor: str
 
 
-class LowerReference(Pass):
+class LowerReference(RuntimeLowering):
     """Rewrite a converted Q/DQ graph into ``qgraph_ref`` integer ops with ``runtime``'s rounding."""
 
     name = "lower_reference"
-
-    def __init__(self, runtime: str = "xnnpack") -> None:
-        if runtime not in RUNTIMES:
-            raise ValueError(f"runtime={runtime!r} is not known; choose one of {RUNTIMES}")
-        self.runtime = runtime
-        self.skipped: dict[str, str] = {}
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         self.skipped = {}

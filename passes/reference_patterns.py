@@ -20,8 +20,9 @@ import torch.fx
 
 from qgraph.graph import CONV_OPS, HARDTANH_OPS, LINEAR_OPS, RELU_OPS, SHAPE_OPS, add_constant, copy_provenance, get_constant
 from qgraph.graph import is_op
+from qgraph.pass_manager import Pass
 from qgraph.qdq_ops import qd
-from qgraph.reference_ops import f32
+from qgraph.reference_ops import RUNTIMES, f32
 
 aten = torch.ops.aten
 ref = torch.ops.qgraph_ref
@@ -306,3 +307,14 @@ LOWERINGS: tuple[Lowering, ...] = (
     Lowering("activation", ACTIVATIONS, _build_activation, False),
 )
 """The integer form of each quantized pattern; adding an op is one entry (and one kernel)."""
+
+
+class RuntimeLowering(Pass):
+    """A lowering to reference kernels with the arithmetic of ``runtime``; what it leaves in
+    Q/DQ form, and why, is in ``skipped`` (node name → reason) after each call."""
+
+    def __init__(self, runtime: str = "xnnpack") -> None:
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime={runtime!r} is not known; choose one of {RUNTIMES}")
+        self.runtime = runtime
+        self.skipped: dict[str, str] = {}
