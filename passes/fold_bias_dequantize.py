@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qgraph.graph import add_constant, copy_provenance, get_constant, is_op, remove_dead_nodes
+from qgraph.graph import add_constant, get_constant, is_op, remove_dead_nodes, replace_node
 from qgraph.pass_manager import Pass, PassResult
 from qgraph.qdq_ops import DEQUANTIZE_OPS
 
@@ -40,9 +40,7 @@ class FoldBiasDequantize(Pass):
             value = node.target(*args, **node.kwargs)
             with gm.graph.inserting_before(node):
                 const = add_constant(gm, f"{inputs[0].target}_float", value, like=node)
-            copy_provenance(const, node, self.name, action="replace")
-            node.replace_all_uses_with(const)
-            gm.graph.erase_node(node)
+            replace_node(gm, node, const, self.name)
             folded += 1
         if folded:
             remove_dead_nodes(gm)

@@ -33,6 +33,22 @@ def run_pass(pass_, gm: torch.fx.GraphModule):
     return result
 
 
+def x86_qat_two_steps(model: torch.nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
+    """``model`` (copied) prepared for x86 QAT, trained two SGD steps on ``x``, in eval mode."""
+    import copy
+
+    import qgraph
+
+    p = qgraph.prepare_qat(copy.deepcopy(model).train(), (x,), backend="x86")
+    opt = torch.optim.SGD(p.parameters(), lr=0.01)
+    for _ in range(2):
+        loss = p(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return p.eval()
+
+
 def count_modules(gm: torch.fx.GraphModule, cls: type) -> int:
     """How many call_module nodes call a submodule of type ``cls``."""
     return sum(1 for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), cls))

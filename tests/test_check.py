@@ -18,6 +18,7 @@ from qgraph.backends.xnnpack import xnnpack_scheme
 from qgraph.check import CheckReport, check
 from qgraph.qdq_ops import qd
 from qgraph.specs import Int32Bias
+from tests.conftest import x86_qat_two_steps
 
 
 @pytest.fixture
@@ -87,14 +88,7 @@ def test_a_right_model_agrees_everywhere(conv_bn_net, image_batch, capsys, int32
 
 
 def test_qat_fake_quant_form(conv_bn_net, image_batch):
-    p = qgraph.prepare_qat(copy.deepcopy(conv_bn_net).train(), (image_batch,), backend="x86")
-    opt = torch.optim.SGD(p.parameters(), lr=0.01)
-    for _ in range(2):
-        loss = p(image_batch).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    p.eval()
+    p = x86_qat_two_steps(conv_bn_net, image_batch)
     q = qgraph.convert(p)
     report = check(p, q, image_batch, targets=("fake_quant", "reference"), verbose=False)
     assert report.target == "x86"

@@ -39,7 +39,6 @@ from torch import nn
 
 import qgraph
 from qgraph import QConfig
-from qgraph.backends import get_backend
 from qgraph.coverage import coverage
 from qgraph.demo import output_scale
 from qgraph.models.vision import build_torchvision
@@ -118,10 +117,8 @@ def settle_batch_norm(model: nn.Module, generator: torch.Generator, batches: int
 
 
 def dynamic_config(backend: str) -> QConfig:
-    scheme = getattr(get_backend(backend), "dynamic_scheme", None)
-    if scheme is None:
-        pytest.skip(f"backend '{backend}' has no dynamic scheme in this tree")
-    return QConfig(scheme=scheme())
+    """Every conv and linear dynamic, one range per tensor (the same granularity for both)."""
+    return QConfig(scheme=qgraph.dynamic_scheme(backend))
 
 
 def run_flow(name: str, backend: str, mode: str) -> Flow:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 
 import pytest
@@ -15,7 +14,7 @@ from qgraph.models.vision import build_torchvision
 from qgraph.observers import DerivedQuantizer
 from qgraph.qdq_ops import qd
 from qgraph.specs import ANNOTATION_KEY, DerivedSpec
-from tests.conftest import count_modules
+from tests.conftest import count_modules, x86_qat_two_steps
 
 
 def test_specs_of_a_conv(conv_bn_net, image_batch):
@@ -30,14 +29,7 @@ def test_specs_of_a_conv(conv_bn_net, image_batch):
 
 
 def test_qat_fake_quant_equals_converted_with_int32_bias(conv_bn_net, image_batch):
-    p = qgraph.prepare_qat(copy.deepcopy(conv_bn_net).train(), (image_batch,), backend="x86")
-    opt = torch.optim.SGD(p.parameters(), lr=0.01)
-    for _ in range(2):
-        loss = p(image_batch).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    p.eval()
+    p = x86_qat_two_steps(conv_bn_net, image_batch)
     q = qgraph.convert(p)
     biases = [n for n in q.graph.nodes if n.target == qd.dequantize_per_channel.default and n.args[-1] == torch.int32]
     assert len(biases) == 3 and all(q.get_buffer(n.args[0].target).dtype == torch.int32 for n in biases)
