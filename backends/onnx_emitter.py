@@ -43,17 +43,22 @@ def write_onnx(model: torch.nn.Module, args: Sequence[Any], dynamic_shapes: Any,
     return str(path)
 
 
-def load_onnx(path: str | os.PathLike, optimize: bool = True) -> Callable[..., Any]:
+def load_onnx(path: str | os.PathLike, optimize: bool = True, spin: bool = True) -> Callable[..., Any]:
     """A callable that runs the model in ONNX Runtime's CPU provider and returns tensors.
 
     ``optimize=False`` disables graph optimizations (plain QDQ, no fused integer kernels):
     the reference behaviour of the Q/DQ graph, useful to tell fusion effects apart.
+    ``spin=False`` lets the session's worker threads sleep as soon as a run ends, instead of
+    spinning for work: for several sessions that take turns in one process (a benchmark),
+    where one session's spinning threads would slow the next one's run.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 

@@ -33,9 +33,12 @@ For each model the script prints one line per flow:
 A final ``"kind": "summary"`` line gives qgraph/torchao ratios of these numbers per model.
 
 Timing protocol: training steps take 1 warm-up step, then the median of 3; runtime
-latencies take 2 warm-up runs, then the median of 10. The timings that are compared
-(fp32 / qgraph / torchao training steps; the six runtimes' latencies) are interleaved
-round-robin, so a change in machine load hits all flows alike. Each line records how many
+latencies take 2 warm-up runs, then the median of 30, each timed run right after an
+untimed one of the same runtime (steady state: its weights in cache, not the previous
+model's). The timings that are compared (fp32 / qgraph / torchao training steps; the
+three ``.pte``; the three ``.onnx``) are interleaved round-robin, so a change in machine
+load hits all flows alike; ``.pte`` and ``.onnx`` are timed apart, since ONNX Runtime's
+worker threads keep spinning for a while after each run. Each line records how many
 cores other processes kept busy meanwhile (``other_cores_train``,
 ``other_cores_latency``; from ``/proc/stat``): absolute numbers only mean something when
 these are near 0.
@@ -91,7 +94,7 @@ class Reps:
     """How many timed repetitions each measurement takes."""
 
     train: int = 3
-    latency: int = 10
+    latency: int = 30
 
 
 # ----------------------------------------------------------------------------- output
@@ -165,15 +168,25 @@ def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], warmup: int, reps: int) -> dict[str, float]:
-    """Median wall time (s) of each ``fns[name]()``, timed round-robin after warm-ups."""
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], warmup: int, reps: int, settle: int = 0, block: int = 1
+) -> dict[str, float]:
+    """Median wall time (s) of each ``fns[name]()``, timed round-robin after warm-ups.
+
+    Each of the ``reps`` rounds gives every function ``settle`` untimed calls and then
+    ``block`` timed ones in a row. Settling lets a function find its own weights in cache
+    (a deployed model runs back to back) and lets the runtime of the function before it
+    go quiet: ONNX Runtime's worker threads keep spinning for a while after a run.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            samples[name].append(timed(fn)[1])
+            for _ in range(settle):
+                fn()
+            samples[name].extend(timed(fn)[1] for _ in range(block))
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -354,19 +367,23 @@ def export(run: Run, x1: torch.Tensor, workdir: Path) -> None:
     run.pte = qgraph.load_pte(report.path)
     log(f"{run.record['model']}/{name}: .onnx")
     path, run.record["onnx_export_s"] = timed(run.flow.export_onnx, run.converted, x1, workdir / f"{name}.onnx")
-    run.onnx = qgraph.load_onnx(path)
+    run.onnx = qgraph.load_onnx(path, spin=False)
 
 
 def time_latency(runs: list[Run], x1: torch.Tensor, reps: Reps) -> None:
+    """Batch-1 latency of every flow's ``.pte``, then of every flow's ``.onnx``.
+
+    Each runtime kind is timed round-robin on its own: ONNX Runtime's worker threads keep
+    spinning for a while after a run, and a ``.pte`` timed right after one shares the
+    cores with them (measured: mobilenet_v2's int8 ``.pte`` took 5.5 ms timed between
+    ONNX Runtime runs, 2.4 ms timed on its own).
+    """
     log(f"{runs[0].record['model']}: batch-1 latency of {2 * len(runs)} runtimes")
-    fns = {}
-    for r in runs:
-        fns[(r.flow.name, "pte")] = lambda r=r: r.pte(x1)
-        fns[(r.flow.name, "onnx")] = lambda r=r: r.onnx(x1)
-    seconds = interleaved_medians(fns, LATENCY_WARMUP, reps.latency)
-    for r in runs:
-        r.record["pte_latency_ms"] = 1000.0 * seconds[(r.flow.name, "pte")]
-        r.record["onnx_latency_ms"] = 1000.0 * seconds[(r.flow.name, "onnx")]
+    for kind in ("pte", "onnx"):
+        fns = {r.flow.name: (lambda r=r, kind=kind: getattr(r, kind)(x1)) for r in runs}
+        seconds = interleaved_medians(fns, LATENCY_WARMUP, reps.latency, settle=1)
+        for r in runs:
+            r.record[f"{kind}_latency_ms"] = 1000.0 * seconds[r.flow.name]
 
 
 def check_outputs(run: Run, x1: torch.Tensor) -> None:

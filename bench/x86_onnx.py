@@ -12,7 +12,8 @@ Runtime's CPU provider (default graph optimizations, so its fused integer kernel
   uint8 activations, per-channel int8 weights, min-max calibration on the same batches).
 
 One JSON line per model and flow with ``latency_ms`` (median of batch-1 runs, all four
-timed round-robin after warm-ups) and ``vs_fp32`` (latency over fp32's; the issue asks
+timed round-robin after warm-ups, each timed run right after an untimed one of the same
+model so that it finds its own weights in cache) and ``vs_fp32`` (latency over fp32's; the issue asks
 ≤ 0.55 for ``qgraph-x86`` and lower than ``ort-quantizer``). ``other_cores`` says how many
 cores other processes kept busy meanwhile: absolute numbers only mean something near 0.
 
@@ -99,9 +100,9 @@ def benchmark(name: str, reps: int, workdir: Path) -> None:
     log(f"{name}: ONNX Runtime quantize_static")
     paths["ort-quantizer"] = _ort_quantizer(paths["fp32"], batches, workdir / f"{name}_ort_qdq.onnx")
 
-    runs = {flow: qgraph.load_onnx(path) for flow, path in paths.items()}
+    runs = {flow: qgraph.load_onnx(path, spin=False) for flow, path in paths.items()}
     with OtherLoad() as load:
-        seconds = interleaved_medians({flow: (lambda run=run: run(x1)) for flow, run in runs.items()}, 3, reps)
+        seconds = interleaved_medians({flow: (lambda run=run: run(x1)) for flow, run in runs.items()}, 3, reps, settle=3, block=10)
     for flow, s in seconds.items():
         emit({
             "kind": "onnxruntime_latency", "model": name, "flow": flow, "latency_ms": round(1000 * s, 3),
@@ -113,7 +114,7 @@ def benchmark(name: str, reps: int, workdir: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,mobilenet_v2")
-    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=6)
     args = parser.parse_args(argv)
     pipeline.JSON_OUT = redirect_noise_to_stderr()
     torch.set_num_threads(pipeline.NUM_THREADS)

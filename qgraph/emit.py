@@ -97,6 +97,7 @@ def load_pte(path: str | os.PathLike) -> Callable[..., Any]:
     return executorch_emitter.load_pte(path)
 
 
-def load_onnx(path: str | os.PathLike, optimize: bool = True) -> Callable[..., Any]:
-    """Run an ``.onnx`` in ONNX Runtime: ``load_onnx(p)(x) -> tensor``."""
-    return onnx_emitter.load_onnx(path, optimize=optimize)
+def load_onnx(path: str | os.PathLike, optimize: bool = True, spin: bool = True) -> Callable[..., Any]:
+    """Run an ``.onnx`` in ONNX Runtime: ``load_onnx(p)(x) -> tensor`` (options: see
+    :func:`qgraph.backends.onnx_emitter.load_onnx`)."""
+    return onnx_emitter.load_onnx(path, optimize=optimize, spin=spin)
