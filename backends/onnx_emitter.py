@@ -6,7 +6,9 @@ optimizer then fuses ``DQ → Conv → Q`` into integer kernels. The batch axis 
 
 Dynamic quantization has no ONNX translation in ``torch.onnx``; :func:`dynamic_translations`
 supplies them (see :mod:`qgraph.backends.onnx_dynamic`); group-wise int4 / int8 weights
-become opset-21 blocked ``DequantizeLinear`` (:mod:`qgraph.backends.onnx_lowbit`).
+become opset-21 blocked ``DequantizeLinear`` (:mod:`qgraph.backends.onnx_lowbit`). A spatial
+mean becomes ``GlobalAveragePool``, which ONNX Runtime fuses into an integer kernel
+(:mod:`qgraph.backends.onnx_global_pool`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from qgraph.backends.onnx_dynamic import dynamic_translations
+from qgraph.backends.onnx_global_pool import use_global_average_pool
 from qgraph.backends.onnx_lowbit import group_translations, needs_opset
 from qgraph.files import atomic_path
 
@@ -39,6 +42,9 @@ def write_onnx(model: torch.nn.Module, args: Sequence[Any], dynamic_shapes: Any,
         )
     with atomic_path(path) as tmp:
         program.save(str(tmp))
+        proto = onnx.load(str(tmp))
+        if use_global_average_pool(proto):
+            onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp))
     return str(path)
 
