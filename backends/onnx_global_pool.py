@@ -24,7 +24,8 @@ def use_global_average_pool(model: onnx.ModelProto) -> int:
 
     Only a mean whose input rank is known (from the graph's shape information) and whose
     axes are a constant covering every axis after the channel one is rewritten; anything
-    else is left as it is. Returns how many nodes were rewritten.
+    else is left as it is. An axes constant that no other node reads is dropped with its
+    node, so that the file carries no unused initializer. Returns how many nodes were rewritten.
     """
     ranks = {
         v.name: len(v.type.tensor_type.shape.dim)
@@ -32,7 +33,7 @@ def use_global_average_pool(model: onnx.ModelProto) -> int:
         if v.type.tensor_type.HasField("shape")
     }
     constants = {t.name: numpy_helper.to_array(t).tolist() for t in model.graph.initializer}
-    rewritten = 0
+    rewritten, orphaned = 0, set()
     for node in model.graph.node:
         if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             continue
@@ -42,6 +43,21 @@ def use_global_average_pool(model: onnx.ModelProto) -> int:
             continue
         if not _spatial_axes(axes, ranks.get(node.input[0], 0)):
             continue
+        orphaned.add(node.input[1])
         node.CopyFrom(onnx.helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
         rewritten += 1
+    unused = orphaned - _names_read(model.graph)
+    for t in [t for t in model.graph.initializer if t.name in unused]:
+        model.graph.initializer.remove(t)
     return rewritten
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every value name a node of ``graph`` or of its subgraphs reads, and the graph outputs."""
+    read = {v.name for v in graph.output}
+    for node in graph.node:
+        read.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs] if attr.type in (attr.GRAPH, attr.GRAPHS) else []:
+                read |= _names_read(sub)
+    return read

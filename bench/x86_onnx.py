@@ -12,12 +12,12 @@ Runtime's CPU provider (default graph optimizations, so its fused integer kernel
   uint8 activations, per-channel int8 weights, min-max calibration on the same batches).
 
 One JSON line per model and flow with ``latency_ms`` (median of batch-1 runs, all four
-timed round-robin after warm-ups, each timed run right after an untimed one of the same
-model so that it finds its own weights in cache) and ``vs_fp32`` (latency over fp32's; the issue asks
+timed round-robin after warm-ups: each turn runs one model three times untimed, so that it
+finds its own weights in cache, then times ten runs of it) and ``vs_fp32`` (latency over fp32's; the issue asks
 ≤ 0.55 for ``qgraph-x86`` and lower than ``ort-quantizer``). ``other_cores`` says how many
 cores other processes kept busy meanwhile: absolute numbers only mean something near 0.
 
-    python bench/x86_onnx.py [--models resnet18,mobilenet_v2] [--reps 30] > x86_onnx.jsonl
+    python bench/x86_onnx.py [--models resnet18,mobilenet_v2] [--reps 6] > x86_onnx.jsonl
 """
 
 from __future__ import annotations

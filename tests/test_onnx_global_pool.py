@@ -48,6 +48,9 @@ def test_float_spatial_mean_becomes_global_average_pool(dims, tmp_path):
     path = write_onnx(model, (x,), None, tmp_path / "m.onnx")
     ops = _ops(path)
     assert ops["GlobalAveragePool"] == 1 and ops["ReduceMean"] == 0
+    graph = onnx.load(str(path)).graph
+    read = {name for node in graph.node for name in node.input}
+    assert [t.name for t in graph.initializer if t.name not in read] == []  # the axes went with ReduceMean
     # The same mean of H·W values per channel; only float summation order differs (1e-5).
     with torch.no_grad():
         assert torch.allclose(qgraph.load_onnx(path)(x), model(x), atol=1e-5)
