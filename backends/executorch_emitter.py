@@ -40,10 +40,35 @@ def lower(program: torch.export.ExportedProgram):
     ``executorch.kernels.quantized`` registers.
     """
     import executorch.kernels.quantized  # noqa: F401
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    return to_edge_transform_and_lower(program, partitioner=[_xnnpack_partitioner()])
+
+
+def _xnnpack_partitioner():
+    """ExecuTorch's ``XnnpackPartitioner``, except that a constant pad of dequantized codes
+    stays out of the delegate.
+
+    XNNPACK's pad is float-only in the partitioner's own rules, yet it takes a pad whose
+    input is a dequantize, and after its channels-last pass the program fails to load
+    (``xnn_status_invalid_parameter`` creating ``StaticConstantPad``): Swin's window and
+    patch-merging pads, with qgraph's and with torchao's quantizers alike. Kept out, the pad
+    runs on ExecuTorch's portable kernels between the delegate's integer layers.
+    """
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import ConstantPadConfig, why
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant
+
+    class FloatConstantPadConfig(ConstantPadConfig):
+        def check_constraints(self, node: torch.fx.Node, ep) -> bool:
+            if is_dequant(node.args[0]):
+                why(node, reason="qgraph: XNNPACK fails to load a pad of dequantized codes")
+                return False
+            return super().check_constraints(node, ep)
+
+    configs = [FloatConstantPadConfig if config is ConstantPadConfig else config for config in ALL_PARTITIONER_CONFIGS]
+    return XnnpackPartitioner(configs=configs)
 
 
 def delegation_counts(edge) -> tuple[Counter, Counter]:

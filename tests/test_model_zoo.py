@@ -111,9 +111,9 @@ class Flow:
     files: dict = field(default_factory=dict)
 
 
-def settle_batch_norm(model: nn.Module, generator: torch.Generator, batches: int = 4) -> nn.Module:
+def settle_batch_norm(model: nn.Module, generator: torch.Generator, batches: int = 4, size: int = RESOLUTION) -> nn.Module:
     """BN statistics of ``batches`` random batches of 8 images (see :func:`qgraph.models.vision.settle_batch_norm`)."""
-    return settle_on_data(model, [torch.randn(8, 3, RESOLUTION, RESOLUTION, generator=generator) for _ in range(batches)])
+    return settle_on_data(model, [torch.randn(8, 3, size, size, generator=generator) for _ in range(batches)])
 
 
 def dynamic_config(backend: str) -> QConfig:
@@ -121,9 +121,11 @@ def dynamic_config(backend: str) -> QConfig:
     return QConfig(scheme=qgraph.dynamic_scheme(backend))
 
 
-def run_flow(name: str, backend: str, mode: str) -> Flow:
+def run_flow(name: str, backend: str, mode: str, size: int = RESOLUTION, **builder_kwargs) -> Flow:
+    """Build ``name`` (``builder_kwargs`` default to its :data:`MODELS` entry), prepare it for
+    ``backend`` and ``mode`` on ``size × size`` images, calibrate or train it, convert it."""
     g = torch.Generator().manual_seed(0)
-    model = build_torchvision(name, **MODELS[name])
+    model = build_torchvision(name, **(builder_kwargs or MODELS.get(name, {})))
     for module in model.modules():
         # ViT zero-initializes its classifier: its output would be the constant bias.
         if isinstance(module, nn.Linear) and not module.weight.any():
@@ -134,8 +136,8 @@ def run_flow(name: str, backend: str, mode: str) -> Flow:
         if block_name.endswith("layer_scale"):
             with torch.no_grad():
                 param.uniform_(0.1, 1.0, generator=g)
-    model = settle_batch_norm(model, g)
-    x = torch.randn(4, 3, RESOLUTION, RESOLUTION, generator=g)
+    model = settle_batch_norm(model, g, size=size)
+    x = torch.randn(4, 3, size, size, generator=g)
     calibration = []
     if mode == "qat":
         prepared = qgraph.prepare_qat(model.train(), (x,), backend=backend)
@@ -152,10 +154,10 @@ def run_flow(name: str, backend: str, mode: str) -> Flow:
         config = dynamic_config(backend) if mode == "ptq_dynamic" else None
         prepared = qgraph.prepare_ptq(model, (x,), backend=backend, config=config)
         if mode == "ptq_static":
-            calibration = [torch.randn(4, 3, RESOLUTION, RESOLUTION, generator=g) for _ in range(2)]
+            calibration = [torch.randn(4, 3, size, size, generator=g) for _ in range(2)]
             qgraph.calibrate(prepared, calibration, progress=False)
     converted = qgraph.convert(prepared)
-    x = torch.randn(2, 3, RESOLUTION, RESOLUTION, generator=g)
+    x = torch.randn(2, 3, size, size, generator=g)
     return Flow(name, backend, mode, model, prepared, converted, x, calibration)
 
 
@@ -215,6 +217,11 @@ def test_every_activation_range_fits_its_data(flow, record_property):
     """
     if flow.mode != "ptq_static":
         pytest.skip("QAT moved the weights off the float model; a dynamic model has no fixed ranges")
+    assert_ranges_fit(flow, record_property)
+
+
+def assert_ranges_fit(flow: Flow, record_property) -> None:
+    """The bounds of :func:`test_every_activation_range_fits_its_data` on a static PTQ flow."""
     report = qgraph.compare(flow.model, flow.converted, flow.calibration)
     with torch.no_grad():
         record_property("output_sqnr_db", round(sqnr_db(flow.model(flow.x), flow.converted(flow.x)), 1))
@@ -229,6 +236,10 @@ def test_every_activation_range_fits_its_data(flow, record_property):
 def test_qat_fake_quant_equals_converted(flow):
     if flow.mode != "qat":
         pytest.skip("a PTQ-prepared model observes in float; tracked against float above")
+    assert_fake_quant_equals_converted(flow)
+
+
+def assert_fake_quant_equals_converted(flow: Flow) -> None:
     with torch.no_grad():
         a, b = flow.prepared(flow.x), flow.converted(flow.x)
     step = output_scale(flow.converted)
@@ -277,9 +288,15 @@ def _run(flow: Flow, fmt: str, tmp_path_factory) -> Run:
 def test_each_layer_within_one_step_in_the_runtime(flow, fmt, tmp_path_factory, record_property, request):
     """The acceptance bound: every layer, fed the runtime's own inputs, within one step."""
     _skip_in_fast_run(flow, fmt, request)
-    run = _run(flow, fmt, tmp_path_factory)
-    if not run.cuts:
+    if not _run(flow, fmt, tmp_path_factory).cuts:
         pytest.skip("no static activation quantizers: dynamic layers pick their qparams at run time")
+    assert_layers_within_one_step(flow, fmt, tmp_path_factory, record_property)
+
+
+def assert_layers_within_one_step(flow: Flow, fmt: str, tmp_path_factory, record_property) -> None:
+    """Export ``flow`` as ``fmt``, run it, and bound each layer fed the runtime's integers."""
+    run = _run(flow, fmt, tmp_path_factory)
+    assert run.cuts, "no static activation quantizer to compare at"
     steps = layer_steps(run.graph, (run.x,), run.cuts)
     record_property(f"{fmt}_layer_steps", max(steps.values()))
     off = {n: s for n, s in steps.items() if s > 1}

@@ -1,4 +1,4 @@
-"""A spatial mean is written as GlobalAveragePool; ONNX Runtime runs it as an integer kernel."""
+"""A spatial mean of uint8 codes is written as GlobalAveragePool; ONNX Runtime runs it as an integer kernel."""
 
 from __future__ import annotations
 
@@ -41,19 +41,26 @@ def _ort_optimized_ops(path, tmp_path) -> Counter:
     return _ops(options.optimized_model_filepath)
 
 
+def _onnx(model: nn.Module, x: torch.Tensor, backend: str | None, path) -> tuple[str, torch.nn.Module]:
+    """``model`` written as ONNX: float (``backend=None``) or PTQ-quantized for ``backend``."""
+    if backend is None:
+        return write_onnx(model, (x,), None, path), model
+    g = torch.Generator().manual_seed(1)
+    p = qgraph.prepare_ptq(model, (x,), backend=backend)
+    qgraph.calibrate(p, [torch.randn(4, *x.shape[1:], generator=g) for _ in range(2)], progress=False)
+    q = qgraph.convert(p)
+    return qgraph.export_onnx(q, (x,), path), q
+
+
 @pytest.mark.parametrize("dims", [(-1, -2), (2, 3), (3, 2)])
-def test_float_spatial_mean_becomes_global_average_pool(dims, tmp_path):
+def test_x86_spatial_mean_becomes_global_average_pool(dims, tmp_path):
     torch.manual_seed(0)
-    model, x = Pooled(dims).eval(), torch.randn(2, 3, 10, 12)
-    path = write_onnx(model, (x,), None, tmp_path / "m.onnx")
+    path, _ = _onnx(Pooled(dims).eval(), torch.randn(2, 3, 10, 12), "x86", tmp_path / "m.onnx")
     ops = _ops(path)
     assert ops["GlobalAveragePool"] == 1 and ops["ReduceMean"] == 0
     graph = onnx.load(str(path)).graph
     read = {name for node in graph.node for name in node.input}
     assert [t.name for t in graph.initializer if t.name not in read] == []  # the axes went with ReduceMean
-    # The same mean of H·W values per channel; only float summation order differs (1e-5).
-    with torch.no_grad():
-        assert torch.allclose(qgraph.load_onnx(path)(x), model(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("dims, keepdim", [((-1, -2), False), ((1,), True), ((-1,), True)])
@@ -64,21 +71,30 @@ def test_other_means_stay_reduce_mean(dims, keepdim, tmp_path):
         model.fc = nn.Linear(120, 4)
     elif dims == (-1,):
         model.fc = nn.Linear(80, 4)
-    path = write_onnx(model, (x,), None, tmp_path / "m.onnx")
+    path, _ = _onnx(model, x, "x86", tmp_path / "m.onnx")
     ops = _ops(path)
     assert ops["ReduceMean"] == 1 and ops["GlobalAveragePool"] == 0
-    with torch.no_grad():
-        assert torch.allclose(qgraph.load_onnx(path)(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [None, "xnnpack"])
+def test_float_and_int8_means_stay_reduce_mean(backend, tmp_path):
+    """A float mean gains nothing; a mean of int8 codes (the XNNPACK scheme's model in ONNX
+    Runtime) would round more pooled values off the converted graph (module docstring)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 12)
+    path, model = _onnx(Pooled().eval(), x, backend, tmp_path / "m.onnx")
+    ops = _ops(path)
+    assert ops["ReduceMean"] == 1 and ops["GlobalAveragePool"] == 0
+    if backend is None:  # the float model is unchanged: the file computes what it computes
+        with torch.no_grad():
+            assert torch.allclose(qgraph.load_onnx(path)(x), model(x), atol=1e-5)
 
 
 def test_x86_pooling_runs_as_qlinear_global_average_pool(tmp_path):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 10, 12, generator=g)
-    p = qgraph.prepare_ptq(Pooled().eval(), (x,), backend="x86")
-    qgraph.calibrate(p, [torch.randn(4, 3, 10, 12, generator=g) for _ in range(2)], progress=False)
-    q = qgraph.convert(p)
-    path = qgraph.export_onnx(q, (x,), tmp_path / "m.onnx")
+    path, q = _onnx(Pooled().eval(), x, "x86", tmp_path / "m.onnx")
     assert _ort_optimized_ops(path, tmp_path)["QLinearGlobalAveragePool"] == 1
     # The integer average rounds once where the converted graph rounds the float mean: a
     # pooled code may differ by one step, which the linear layer scales by |w|·s_pool/s_out

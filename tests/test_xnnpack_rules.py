@@ -78,3 +78,35 @@ def test_converted_stays_close_to_float_and_runs_in_executorch(converted_every_r
     assert not [op for op in report.not_delegated if "convolution" in op or "linear" in op]
     got = qgraph.load_pte(report.path)(x[:1])
     assert (got - q[:1]).abs().max() <= 2 * output_scale(converted) * (1 + 1e-3)
+
+
+class PaddedAfterPermutes(nn.Module):
+    """Swin's pattern: a feature map made channels-last and back, then padded (``F.pad``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.conv(x).permute(0, 2, 3, 1)
+        y = nn.functional.pad(y.permute(0, 3, 1, 2), (0, 3, 0, 3)).permute(0, 2, 3, 1)
+        return self.fc(y)
+
+
+def test_pad_of_quantized_codes_runs_in_executorch(tmp_path):
+    """XNNPACK took this pad (of dequantized codes) and then failed to load the program
+    (``xnn_status_invalid_parameter`` creating its ``StaticConstantPad``); the pad now stays
+    out of the delegate and the convolution and linear stay in it."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    prepared = qgraph.prepare_ptq(PaddedAfterPermutes().eval(), (x,))
+    qgraph.calibrate(prepared, [torch.randn(1, 3, 8, 8) for _ in range(2)], progress=False)
+    converted = qgraph.convert(prepared)
+    report = qgraph.export_pte(converted, (x,), tmp_path / "pad.pte")
+    assert report.not_delegated["aten_constant_pad_nd_default"] == 1, report.not_delegated
+    assert not [op for op in report.not_delegated if "convolution" in op or "linear" in op]
+    with torch.no_grad():
+        want = converted(x)
+    # The same integer kernels; a float pad of dequantized codes adds zeros and moves values.
+    assert (qgraph.load_pte(report.path)(x) - want).abs().max() <= 1 * output_scale(converted) * (1 + 1e-3)
