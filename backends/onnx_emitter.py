@@ -7,7 +7,7 @@ optimizer then fuses ``DQ → Conv → Q`` into integer kernels. The batch axis 
 Dynamic quantization has no ONNX translation in ``torch.onnx``; :func:`dynamic_translations`
 supplies them (see :mod:`qgraph.backends.onnx_dynamic`); group-wise int4 / int8 weights
 become opset-21 blocked ``DequantizeLinear`` (:mod:`qgraph.backends.onnx_lowbit`). A spatial
-mean becomes ``GlobalAveragePool``, which ONNX Runtime fuses into an integer kernel
+mean of uint8 codes becomes ``GlobalAveragePool``, which ONNX Runtime fuses into an integer kernel
 (:mod:`qgraph.backends.onnx_global_pool`).
 """
 
