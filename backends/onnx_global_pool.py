@@ -31,16 +31,17 @@ def use_global_average_pool(model: onnx.ModelProto) -> int:
 
     Only a mean of a ``DequantizeLinear`` of uint8 codes, whose input rank is known (from
     the graph's shape information) and whose axes are a constant covering every axis after
-    the channel one, is rewritten; anything else is left as it is. An axes constant that no other node reads is dropped with its
-    node, so that the file carries no unused initializer. Returns how many nodes were rewritten.
+    the channel one, is rewritten; anything else is left as it is. An axes constant that no
+    other node reads is dropped with its node, so that the file carries no unused
+    initializer. Returns how many nodes were rewritten.
     """
     ranks = {
         v.name: len(v.type.tensor_type.shape.dim)
         for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
         if v.type.tensor_type.HasField("shape")
     }
-    constants = {t.name: numpy_helper.to_array(t).tolist() for t in model.graph.initializer}
-    uint8 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8}
+    initializers = {t.name: t for t in model.graph.initializer}
+    uint8 = {name for name, t in initializers.items() if t.data_type == onnx.TensorProto.UINT8}
     of_uint8 = {
         n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and len(n.input) == 3 and n.input[2] in uint8
     }
@@ -49,9 +50,10 @@ def use_global_average_pool(model: onnx.ModelProto) -> int:
         if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        axes = constants.get(node.input[1])
-        if attrs.get("keepdims", 1) != 1 or not isinstance(axes, list):
+        axes = initializers.get(node.input[1])
+        if attrs.get("keepdims", 1) != 1 or axes is None:
             continue
+        axes = numpy_helper.to_array(axes).reshape(-1).tolist()  # only the axes: weights stay packed
         if node.input[0] not in of_uint8 or not _spatial_axes(axes, ranks.get(node.input[0], 0)):
             continue
         orphaned.add(node.input[1])

@@ -19,6 +19,7 @@ import pytest
 import torchvision
 
 from qgraph.coverage import coverage
+from tests.test_conformance import RUNTIME
 from tests.test_model_zoo import (
     MODELS,
     Flow,
@@ -74,9 +75,6 @@ training-mode forward returns logits alone)."""
 
 FAST = ("mnasnet0_5", "x86", "ptq_static")
 """The case CI runs: depthwise convs, the x86 scheme, ONNX Runtime."""
-
-RUNTIME = {"xnnpack": "pte", "x86": "onnx"}
-
 
 def _family(name: str) -> str:
     return max((prefix for prefix in FAMILIES if name.startswith(prefix)), key=len, default="")
