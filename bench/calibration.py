@@ -28,31 +28,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pipeline import OtherLoad, emit, log  # noqa: E402  (shared output and load helpers)
+from pipeline import emit, log  # noqa: E402  (shared output helpers)
+from timing import OtherLoad, interleaved_medians  # noqa: E402
 
 import qgraph  # noqa: E402
 from qgraph.histogram import HistogramObserver  # noqa: E402
 from qgraph.models.vision import build_torchvision  # noqa: E402
 from qgraph.presets import histogram_ptq  # noqa: E402
-
-
-def _time_round_robin(flows: dict, warmup: int, reps: int) -> dict[str, float]:
-    """Median seconds per call of each flow, calls interleaved flow by flow."""
-    times: dict[str, list[float]] = {name: [] for name in flows}
-    for i in range(warmup + reps):
-        for name, fn in flows.items():
-            t = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench_model(name: str, resolution: int, batch: int, warmup: int, reps: int) -> None:
@@ -75,7 +63,7 @@ def bench_model(name: str, resolution: int, batch: int, warmup: int, reps: int) 
     }
     log(f"{name}: timing {list(flows)}")
     with OtherLoad() as load:
-        seconds = _time_round_robin(flows, warmup, reps)
+        seconds = interleaved_medians(flows, warmup, reps)
     base = batch / seconds["fp32"]
     for flow, s in seconds.items():
         emit({"kind": "calibration", "model": name, "flow": flow, "resolution": resolution, "batch": batch,

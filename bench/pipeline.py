@@ -30,18 +30,22 @@ For each model the script prints one line per flow:
     quantization steps. ``fakequant_diff_steps`` compares the prepared (fake-quant) model
     in eval mode with the converted one the same way.
 
-A final ``"kind": "summary"`` line gives qgraph/torchao ratios of these numbers per model.
+A final ``"kind": "summary"`` line gives qgraph/torchao ratios of these numbers per model,
+and for the runtime latencies the paired ratio (``pte_latency_vs_torchao``,
+``onnx_latency_vs_torchao``): the median of the per-round ratios, its 95 % interval and a
+verdict, ``faster`` or ``slower`` only when the interval excludes 1, else ``tie``.
 
 Timing protocol: training steps take 1 warm-up step, then the median of 3; runtime
-latencies take 2 warm-up runs, then the median of 30, each timed run right after an
-untimed one of the same runtime (steady state: its weights in cache, not the previous
-model's). The timings that are compared (fp32 / qgraph / torchao training steps; the
-three ``.pte``; the three ``.onnx``) are interleaved round-robin, so a change in machine
-load hits all flows alike; ``.pte`` and ``.onnx`` are timed apart, since ONNX Runtime's
-worker threads keep spinning for a while after each run. Each line records how many
-cores other processes kept busy meanwhile (``other_cores_train``,
-``other_cores_latency``; from ``/proc/stat``): absolute numbers only mean something when
-these are near 0.
+latencies take 2 warm-up runs, then 30 rounds, each round one untimed run of each
+runtime (steady state: its weights in cache, not the previous model's) followed by 5
+timed ones, whose median is the round's time; ``*_latency_ms`` is the median over rounds.
+The timings that are compared (fp32 / qgraph / torchao training steps; the three
+``.pte``; the three ``.onnx``) are interleaved round-robin, so a change in machine load
+hits all flows alike and cancels in a round's ratio; ``.pte`` and ``.onnx`` are timed
+apart, since ONNX Runtime's worker threads keep spinning for a while after each run.
+Each line records how many cores other processes kept busy meanwhile
+(``other_cores_train``, ``other_cores_latency``; from ``/proc/stat``): absolute numbers
+only mean something when these are near 0.
 
 The torchao model is captured with a dynamic batch dimension (as qgraph's capture does)
 so that the model trained at batch 8 can be converted and served at batch 1; every
@@ -52,7 +56,8 @@ stderr. Usage::
 
     python bench/pipeline.py [--models resnet18,mobilenet_v2] [--quick] > bench.jsonl
 
-``--quick`` times each quantity once (after the warm-ups), for smoke tests.
+``--quick`` times each training step once and each runtime in 6 rounds of one run (the
+fewest that bound a median), for smoke tests.
 """
 
 from __future__ import annotations
@@ -79,6 +84,9 @@ import qgraph
 from qgraph.backends.executorch_emitter import write_pte
 from qgraph.backends.onnx_emitter import write_onnx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import OtherLoad, interleaved_medians, interleaved_rounds, paired_ratio, timed  # noqa: E402
+
 NUM_THREADS = 2
 NUM_CLASSES = 10
 RESOLUTION = 224
@@ -87,6 +95,7 @@ LEARNING_RATE = 1e-3
 TRAIN_WARMUP = 1
 LATENCY_WARMUP = 2
 SEED = 0
+ORACLE = "torchao"
 
 
 @dataclass
@@ -94,7 +103,8 @@ class Reps:
     """How many timed repetitions each measurement takes."""
 
     train: int = 3
-    latency: int = 30
+    latency: int = 30  # rounds; each times ``latency_block`` runs of every runtime in a row
+    latency_block: int = 5
 
 
 # ----------------------------------------------------------------------------- output
@@ -122,72 +132,7 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def _system_busy_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot (Linux ``/proc/stat``)."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_busy_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-class OtherLoad:
-    """Context manager: how many cores *other* processes kept busy, on average, inside it.
-
-    Timings are only comparable when this is near 0; ``None`` where it cannot be read.
-    """
-
-    def __enter__(self) -> "OtherLoad":
-        self.cores: float | None = None
-        self._start = (time.perf_counter(), _system_busy_seconds(), _own_busy_seconds())
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        wall0, system0, own0 = self._start
-        system1 = _system_busy_seconds()
-        if system0 is None or system1 is None:
-            return
-        others = (system1 - system0) - (_own_busy_seconds() - own0)
-        self.cores = round(max(others, 0.0) / (time.perf_counter() - wall0), 2)
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    """``fn(*args)`` and its wall time in seconds."""
-    start = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - start
-
-
-def interleaved_medians(
-    fns: dict[str, Callable[[], Any]], warmup: int, reps: int, settle: int = 0, block: int = 1
-) -> dict[str, float]:
-    """Median wall time (s) of each ``fns[name]()``, timed round-robin after warm-ups.
-
-    Each of the ``reps`` rounds gives every function ``settle`` untimed calls and then
-    ``block`` timed ones in a row. Settling lets a function find its own weights in cache
-    (a deployed model runs back to back) and lets the runtime of the function before it
-    go quiet: ONNX Runtime's worker threads keep spinning for a while after a run.
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            for _ in range(settle):
-                fn()
-            samples[name].extend(timed(fn)[1] for _ in range(block))
-    return {name: statistics.median(s) for name, s in samples.items()}
+# ----------------------------------------------------------------------------- training
 
 
 def sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -373,6 +318,8 @@ def export(run: Run, x1: torch.Tensor, workdir: Path) -> None:
 def time_latency(runs: list[Run], x1: torch.Tensor, reps: Reps) -> None:
     """Batch-1 latency of every flow's ``.pte``, then of every flow's ``.onnx``.
 
+    Each quantized flow's latency is also given as a paired ratio to the oracle's (median
+    of the per-round ratios, with its 95 % interval and verdict; see ``timing.paired_ratio``).
     Each runtime kind is timed round-robin on its own: ONNX Runtime's worker threads keep
     spinning for a while after a run, and a ``.pte`` timed right after one shares the
     cores with them (measured: mobilenet_v2's int8 ``.pte`` took 5.5 ms timed between
@@ -381,9 +328,11 @@ def time_latency(runs: list[Run], x1: torch.Tensor, reps: Reps) -> None:
     log(f"{runs[0].record['model']}: batch-1 latency of {2 * len(runs)} runtimes")
     for kind in ("pte", "onnx"):
         fns = {r.flow.name: (lambda r=r, kind=kind: getattr(r, kind)(x1)) for r in runs}
-        seconds = interleaved_medians(fns, LATENCY_WARMUP, reps.latency, settle=1)
+        rounds = interleaved_rounds(fns, LATENCY_WARMUP, reps.latency, settle=1, block=reps.latency_block)
         for r in runs:
-            r.record[f"{kind}_latency_ms"] = 1000.0 * seconds[r.flow.name]
+            r.record[f"{kind}_latency_ms"] = 1000.0 * statistics.median(rounds[r.flow.name])
+            if r.quantized and r.flow.name != ORACLE:
+                r.record[f"{kind}_latency_vs_{ORACLE}"] = paired_ratio(rounds[r.flow.name], rounds[ORACLE])
 
 
 def check_outputs(run: Run, x1: torch.Tensor) -> None:
@@ -441,6 +390,9 @@ RATIO_FIELDS = (
 )
 
 
+PAIRED_FIELDS = (f"pte_latency_vs_{ORACLE}", f"onnx_latency_vs_{ORACLE}")
+
+
 def ratios(ours: dict[str, Any], oracle: dict[str, Any]) -> dict[str, float | None]:
     """``ours / oracle`` per field; ``None`` where the oracle's value is zero."""
     return {k: (ours[k] / oracle[k] if oracle[k] else None) for k in RATIO_FIELDS}
@@ -449,7 +401,7 @@ def ratios(ours: dict[str, Any], oracle: dict[str, Any]) -> dict[str, float | No
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,mobilenet_v2", help="comma-separated torchvision model names")
-    parser.add_argument("--quick", action="store_true", help="time each quantity once (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="time training once and runtimes in 6 rounds of one run (smoke test)")
     return parser.parse_args(argv)
 
 
@@ -459,14 +411,15 @@ def main(argv: list[str] | None = None) -> None:
     JSON_OUT = redirect_noise_to_stderr()
     warnings.simplefilter("ignore")
     torch.set_num_threads(NUM_THREADS)
-    reps = Reps(train=1, latency=1) if args.quick else Reps()
+    reps = Reps(train=1, latency=6, latency_block=1) if args.quick else Reps()
     flows = [fp32_flow(), qgraph_flow(), torchao_flow()]
     start = time.perf_counter()
     summary: dict[str, Any] = {}
     with OtherLoad() as load:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             records = benchmark_model(name, flows, reps)
-            summary[name] = ratios(records["qgraph"], records["torchao"])
+            summary[name] = ratios(records["qgraph"], records[ORACLE])
+            summary[name].update({k: records["qgraph"][k] for k in PAIRED_FIELDS})
     if load.cores is not None and load.cores > 0.2:
         log(f"other processes kept {load.cores} cores busy on average: timings are noisy")
     emit(
