@@ -39,6 +39,9 @@ Timing protocol: training steps take 1 warm-up step, then the median of 3; runti
 latencies take 2 warm-up runs, then 30 rounds, each round one untimed run of each
 runtime (steady state: its weights in cache, not the previous model's) followed by 5
 timed ones, whose median is the round's time; ``*_latency_ms`` is the median over rounds.
+The paired ratios to torchao come from 200 more rounds of the two flows alone. Each
+runtime file is loaded 8 times and the rounds take turns among the loads, since one load
+can stay about 1 % faster or slower than another of the same file.
 The timings that are compared (fp32 / qgraph / torchao training steps; the three
 ``.pte``; the three ``.onnx``) are interleaved round-robin, so a change in machine load
 hits all flows alike and cancels in a round's ratio; ``.pte`` and ``.onnx`` are timed
@@ -57,7 +60,7 @@ stderr. Usage::
     python bench/pipeline.py [--models resnet18,mobilenet_v2] [--quick] > bench.jsonl
 
 ``--quick`` times each training step once and each runtime in 6 rounds of one run (the
-fewest that bound a median), for smoke tests.
+fewest that bound a median; 6 paired rounds too), for smoke tests.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,6 +108,8 @@ class Reps:
     train: int = 3
     latency: int = 30  # rounds; each times ``latency_block`` runs of every runtime in a row
     latency_block: int = 5
+    pair: int = 200  # rounds of a quantized flow against the oracle alone
+    instances: int = 8  # loads of each runtime file, taking turns round by round
 
 
 # ----------------------------------------------------------------------------- output
@@ -269,6 +274,7 @@ class Run:
     converted: nn.Module | None = None
     pte: Callable[[torch.Tensor], torch.Tensor] | None = None
     onnx: Callable[[torch.Tensor], torch.Tensor] | None = None
+    files: dict[str, Path] = field(default_factory=dict)  # "pte", "onnx"
 
     @property
     def quantized(self) -> bool:
@@ -302,6 +308,12 @@ def convert(run: Run) -> None:
         run.record["convert_s"] = seconds
 
 
+LOADERS: dict[str, Callable[[Path], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "pte": qgraph.load_pte,
+    "onnx": lambda path: qgraph.load_onnx(path, spin=False),
+}
+
+
 def export(run: Run, x1: torch.Tensor, workdir: Path) -> None:
     name = run.flow.name
     log(f"{run.record['model']}/{name}: .pte")
@@ -309,17 +321,23 @@ def export(run: Run, x1: torch.Tensor, workdir: Path) -> None:
     run.record["pte_size_bytes"] = report.size_bytes
     run.record["pte_delegated_fraction"] = report.delegated_fraction
     run.record["pte_not_delegated"] = dict(report.not_delegated)
-    run.pte = qgraph.load_pte(report.path)
+    run.files["pte"] = Path(report.path)
+    run.pte = LOADERS["pte"](run.files["pte"])
     log(f"{run.record['model']}/{name}: .onnx")
     path, run.record["onnx_export_s"] = timed(run.flow.export_onnx, run.converted, x1, workdir / f"{name}.onnx")
-    run.onnx = qgraph.load_onnx(path, spin=False)
+    run.files["onnx"] = Path(path)
+    run.onnx = LOADERS["onnx"](run.files["onnx"])
 
 
 def time_latency(runs: list[Run], x1: torch.Tensor, reps: Reps) -> None:
     """Batch-1 latency of every flow's ``.pte``, then of every flow's ``.onnx``.
 
     Each quantized flow's latency is also given as a paired ratio to the oracle's (median
-    of the per-round ratios, with its 95 % interval and verdict; see ``timing.paired_ratio``).
+    of the per-round ratios, with its 95 % interval and verdict; see ``timing.paired_ratio``),
+    from ``reps.pair`` further rounds of just the two, back to back: the fp32 runtime
+    between them made the interval of 30 three-way rounds ±2 % wide on mobilenet_v2.
+    Every runtime is loaded ``reps.instances`` times and the rounds take turns among the
+    loads (see ``timing.interleaved_rounds``: one load can stay 1 % off another).
     Each runtime kind is timed round-robin on its own: ONNX Runtime's worker threads keep
     spinning for a while after a run, and a ``.pte`` timed right after one shares the
     cores with them (measured: mobilenet_v2's int8 ``.pte`` took 5.5 ms timed between
@@ -327,12 +345,15 @@ def time_latency(runs: list[Run], x1: torch.Tensor, reps: Reps) -> None:
     """
     log(f"{runs[0].record['model']}: batch-1 latency of {2 * len(runs)} runtimes")
     for kind in ("pte", "onnx"):
-        fns = {r.flow.name: (lambda r=r, kind=kind: getattr(r, kind)(x1)) for r in runs}
+        load = LOADERS[kind]
+        fns = {r.flow.name: [(lambda run=load(r.files[kind]): run(x1)) for _ in range(reps.instances)] for r in runs}
         rounds = interleaved_rounds(fns, LATENCY_WARMUP, reps.latency, settle=1, block=reps.latency_block)
         for r in runs:
             r.record[f"{kind}_latency_ms"] = 1000.0 * statistics.median(rounds[r.flow.name])
+        for r in runs:
             if r.quantized and r.flow.name != ORACLE:
-                r.record[f"{kind}_latency_vs_{ORACLE}"] = paired_ratio(rounds[r.flow.name], rounds[ORACLE])
+                pair = interleaved_rounds({n: fns[n] for n in (r.flow.name, ORACLE)}, 0, reps.pair, 1, reps.latency_block)
+                r.record[f"{kind}_latency_vs_{ORACLE}"] = paired_ratio(pair[r.flow.name], pair[ORACLE])
 
 
 def check_outputs(run: Run, x1: torch.Tensor) -> None:
@@ -411,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     JSON_OUT = redirect_noise_to_stderr()
     warnings.simplefilter("ignore")
     torch.set_num_threads(NUM_THREADS)
-    reps = Reps(train=1, latency=6, latency_block=1) if args.quick else Reps()
+    reps = Reps(train=1, latency=6, latency_block=1, pair=6, instances=1) if args.quick else Reps()
     flows = [fp32_flow(), qgraph_flow(), torchao_flow()]
     start = time.perf_counter()
     summary: dict[str, Any] = {}

@@ -5,7 +5,11 @@ run the same kernels differ by less than the machine's run-to-run noise (±3 % o
 VM), so a single pair of medians cannot say which is faster. ``interleaved_rounds``
 therefore keeps one time per flow per round, and ``paired_ratio`` turns the rounds into
 the median of the per-round ratios with a distribution-free confidence interval: a slow
-drift of the machine hits both flows of a round alike and cancels in their ratio.
+drift of the machine hits both flows of a round alike and cancels in their ratio. Each
+flow can be several loaded instances taking turns, so that where one load's weights
+landed in memory does not pass for a difference between the models. Checked by timing a
+file against itself, 8 loads a side: six runs (three ``.pte``, three ``.onnx``) all
+gave ``tie``, medians 0.999-1.003.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import math
 import os
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Sequence
+from typing import Any, Callable, Union
 
 
 def _system_busy_seconds() -> float | None:
@@ -60,8 +65,11 @@ def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
+Instances = Union[Callable[[], Any], Sequence[Callable[[], Any]]]
+
+
 def interleaved_rounds(
-    fns: dict[str, Callable[[], Any]], warmup: int, rounds: int, settle: int = 0, block: int = 1
+    fns: dict[str, Instances], warmup: int, rounds: int, settle: int = 0, block: int = 1
 ) -> dict[str, list[float]]:
     """Per round, the median wall time (s) of each ``fns[name]()``, timed round-robin.
 
@@ -70,13 +78,23 @@ def interleaved_rounds(
     keeps their median. Settling lets a function find its own weights in cache (a
     deployed model runs back to back) and lets the runtime of the function before it go
     quiet: ONNX Runtime's worker threads keep spinning for a while after a run.
+
+    A name may map to several instances of one model, each loaded on its own; round ``i``
+    calls instance ``i mod n``. One loaded instance can stay about 1 % faster or slower
+    than another loaded from the same file (where its weights landed in memory; measured:
+    six ONNX Runtime sessions of one file, medians within 1.7 %; six ``.pte`` loads, one
+    0.8 % slower than another, outside its 95 % interval), which no number of rounds of
+    one instance averages away.
     """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+    instances = {name: list(fn) if isinstance(fn, Sequence) else [fn] for name, fn in fns.items()}
+    for copies in instances.values():
+        for fn in copies:
+            for _ in range(warmup):
+                fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for i in range(rounds):
+        for name, copies in instances.items():
+            fn = copies[i % len(copies)]
             for _ in range(settle):
                 fn()
             samples[name].append(statistics.median(timed(fn)[1] for _ in range(block)))
@@ -84,7 +102,7 @@ def interleaved_rounds(
 
 
 def interleaved_medians(
-    fns: dict[str, Callable[[], Any]], warmup: int, rounds: int, settle: int = 0, block: int = 1
+    fns: dict[str, Instances], warmup: int, rounds: int, settle: int = 0, block: int = 1
 ) -> dict[str, float]:
     """Median over rounds of ``interleaved_rounds``: one time (s) per function."""
     return {name: statistics.median(s) for name, s in interleaved_rounds(fns, warmup, rounds, settle, block).items()}

@@ -19,11 +19,14 @@ median is the round's time; ``latency_ms`` is the median over rounds. The ``qgra
 line adds paired ratios: the median of the per-round ratios with its 95 % interval, and a
 verdict that says ``faster`` or ``slower`` only when the interval excludes 1
 (``timing.paired_ratio``). ``vs_fp32_paired`` comes from those rounds; ``vs_ort_quantizer``
-from ``--pair-reps`` further rounds of just the two, back to back. The two run the same
-integer kernels and differ by about 1 %, which a pair timed back to back resolves and the
-four-model rounds do not (mobilenet_v2, 95 % interval: 0.007 wide from 420 rounds of the
-two, 0.024 wide from 600 rounds of all four). ``other_cores`` says how many
-cores other processes kept busy meanwhile: absolute numbers only mean something near 0.
+from ``--pair-reps`` further rounds of just the two, back to back: they run the same
+integer kernels and differ by 0.5-3 %, which the four-model rounds, with two other models
+timed between them, do not resolve (mobilenet_v2: 95 % interval 0.024 wide from 600
+rounds of all four, 0.007 from 420 rounds of the two). Each file is loaded into 8
+sessions and the rounds take turns among them: one session can stay about 1 % faster or
+slower than another of the same file, which no number of rounds averages away.
+``other_cores`` says how many cores other processes kept busy meanwhile: absolute numbers
+only mean something near 0.
 
     python bench/x86_onnx.py [--models resnet18,mobilenet_v2] [--reps 100] [--pair-reps 400] > x86_onnx.jsonl
 """
@@ -52,6 +55,7 @@ from qgraph.models.vision import build_torchvision, settle_batch_norm  # noqa: E
 RESOLUTION = 224
 CALIBRATION_BATCHES = 4
 FLOWS = ("fp32", "torchao", "qgraph-x86", "ort-quantizer")
+INSTANCES = 8  # sessions of each file, taking turns round by round (one can stay 1 % off another)
 
 
 def _settled(name: str, generator: torch.Generator) -> torch.nn.Module:
@@ -111,8 +115,7 @@ def benchmark(name: str, reps: int, pair_reps: int, workdir: Path) -> None:
     log(f"{name}: ONNX Runtime quantize_static")
     paths["ort-quantizer"] = _ort_quantizer(paths["fp32"], batches, workdir / f"{name}_ort_qdq.onnx")
 
-    sessions = {flow: qgraph.load_onnx(paths[flow], spin=False) for flow in FLOWS}
-    runs = {flow: (lambda run=run: run(x1)) for flow, run in sessions.items()}
+    runs = {flow: [(lambda run=qgraph.load_onnx(paths[flow], spin=False): run(x1)) for _ in range(INSTANCES)] for flow in FLOWS}
     with OtherLoad() as load:
         rounds = interleaved_rounds(runs, 3, reps, settle=3, block=10)
         pair = interleaved_rounds({flow: runs[flow] for flow in ("qgraph-x86", "ort-quantizer")}, 3, pair_reps, settle=3, block=10)

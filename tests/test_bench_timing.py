@@ -63,9 +63,9 @@ def test_too_few_rounds_and_unpaired_rounds_are_refused():
 
 
 def test_rounds_interleave_the_functions():
-    """Each round calls every function in turn: settle calls then the timed block."""
+    """Each round calls every function in turn, settle calls then the timed block; instances take turns."""
     calls: list[str] = []
-    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    rounds = interleaved_rounds(fns, warmup=1, rounds=2, settle=1, block=2)
-    assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
-    assert {k: len(v) for k, v in rounds.items()} == {"a": 2, "b": 2}
+    fns = {"a": lambda: calls.append("a"), "b": [lambda: calls.append("b0"), lambda: calls.append("b1")]}
+    rounds = interleaved_rounds(fns, warmup=1, rounds=3, settle=1, block=2)
+    assert calls == ["a", "b0", "b1"] + ["a"] * 3 + ["b0"] * 3 + ["a"] * 3 + ["b1"] * 3 + ["a"] * 3 + ["b0"] * 3
+    assert {k: len(v) for k, v in rounds.items()} == {"a": 3, "b": 3}
