@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -88,7 +89,7 @@ from qgraph.backends.executorch_emitter import write_pte
 from qgraph.backends.onnx_emitter import write_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import OtherLoad, interleaved_medians, interleaved_rounds, paired_ratio, timed  # noqa: E402
+from timing import OtherLoad, interleaved_medians, interleaved_rounds, loaded, paired_ratio, timed  # noqa: E402
 
 NUM_THREADS = 2
 NUM_CLASSES = 10
@@ -345,8 +346,7 @@ def time_latency(runs: list[Run], x1: torch.Tensor, reps: Reps) -> None:
     """
     log(f"{runs[0].record['model']}: batch-1 latency of {2 * len(runs)} runtimes")
     for kind in ("pte", "onnx"):
-        load = LOADERS[kind]
-        fns = {r.flow.name: [(lambda run=load(r.files[kind]): run(x1)) for _ in range(reps.instances)] for r in runs}
+        fns = {r.flow.name: loaded(functools.partial(LOADERS[kind], r.files[kind]), reps.instances, x1) for r in runs}
         rounds = interleaved_rounds(fns, LATENCY_WARMUP, reps.latency, settle=1, block=reps.latency_block)
         for r in runs:
             r.record[f"{kind}_latency_ms"] = 1000.0 * statistics.median(rounds[r.flow.name])

@@ -14,6 +14,7 @@ gave ``tie``, medians 0.999-1.003.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -66,6 +67,11 @@ def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 
 
 Instances = Union[Callable[[], Any], Sequence[Callable[[], Any]]]
+
+
+def loaded(load: Callable[[], Callable[..., Any]], n: int, *args: Any) -> list[Callable[[], Any]]:
+    """``n`` instances of a runtime, each from its own ``load()``, as calls on ``args``."""
+    return [functools.partial(load(), *args) for _ in range(n)]
 
 
 def interleaved_rounds(

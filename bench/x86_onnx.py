@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline import emit, log, redirect_noise_to_stderr  # noqa: E402
-from timing import OtherLoad, interleaved_rounds, paired_ratio  # noqa: E402
+from timing import OtherLoad, interleaved_rounds, loaded, paired_ratio  # noqa: E402
 
 import pipeline  # noqa: E402
 import qgraph  # noqa: E402
@@ -115,7 +115,7 @@ def benchmark(name: str, reps: int, pair_reps: int, workdir: Path) -> None:
     log(f"{name}: ONNX Runtime quantize_static")
     paths["ort-quantizer"] = _ort_quantizer(paths["fp32"], batches, workdir / f"{name}_ort_qdq.onnx")
 
-    runs = {flow: [(lambda run=qgraph.load_onnx(paths[flow], spin=False): run(x1)) for _ in range(INSTANCES)] for flow in FLOWS}
+    runs = {flow: loaded(lambda path=paths[flow]: qgraph.load_onnx(path, spin=False), INSTANCES, x1) for flow in FLOWS}
     with OtherLoad() as load:
         rounds = interleaved_rounds(runs, 3, reps, settle=3, block=10)
         pair = interleaved_rounds({flow: runs[flow] for flow in ("qgraph-x86", "ort-quantizer")}, 3, pair_reps, settle=3, block=10)

@@ -16,7 +16,7 @@ from scipy.stats import binom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from timing import interleaved_rounds, median_interval, paired_ratio  # noqa: E402
+from timing import interleaved_rounds, loaded, median_interval, paired_ratio  # noqa: E402
 
 
 @pytest.mark.parametrize("n", [6, 10, 30, 61, 2000])
@@ -69,3 +69,18 @@ def test_rounds_interleave_the_functions():
     rounds = interleaved_rounds(fns, warmup=1, rounds=3, settle=1, block=2)
     assert calls == ["a", "b0", "b1"] + ["a"] * 3 + ["b0"] * 3 + ["a"] * 3 + ["b1"] * 3 + ["a"] * 3 + ["b0"] * 3
     assert {k: len(v) for k, v in rounds.items()} == {"a": 3, "b": 3}
+
+
+def test_loaded_makes_separate_instances_called_on_the_arguments():
+    loads: list[list[int]] = []
+
+    def load():
+        seen: list[int] = []
+        loads.append(seen)
+        return seen.append
+
+    calls = loaded(load, 3, 7)
+    assert len(loads) == 3 and all(seen == [] for seen in loads)
+    for call in calls:
+        call()
+    assert loads == [[7], [7], [7]]
