@@ -120,8 +120,9 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     The number of values below the true median is Binomial(n, 1/2), so with ``k`` the
     largest count with ``P(B < k) <= (1 - confidence) / 2``, the k-th smallest and the
     k-th largest value bracket the median with probability at least ``confidence``. It
-    assumes only that the values are independent draws of one distribution, which the
-    per-round ratios of interleaved rounds are.
+    assumes only that the values are independent draws of one distribution. Per-round
+    ratios are that up to the loads taking turns (a mixture of a few loads' effects),
+    which is why the benchmarks use 8 loads a side rather than 2.
     """
     n = len(values)
     tail = (1.0 - confidence) / 2.0
