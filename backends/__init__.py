@@ -1,17 +1,27 @@
-"""Backends: one file per target. Rule tables (quantizers) and emitters (.pte, .onnx)."""
+"""Backends (``qgraph.backends``): rule tables in ``rules/``, file emitters in ``executorch/`` and
+``onnx/``. Importing this package loads the rules only; an emitter loads its runtime's
+packages when it is imported."""
 
 from __future__ import annotations
 
-from qgraph.errors import ConfigError
-from qgraph.rules import Backend
+from qgraph.backends.rules import (
+    BACKENDS,
+    X86,
+    XNNPACK,
+    get_backend,
+    x86_dynamic_scheme,
+    x86_scheme,
+    xnnpack_dynamic_scheme,
+    xnnpack_scheme,
+)
 
-
-def get_backend(name: str) -> Backend:
-    """The backend called ``name``; a clear error lists the known ones."""
-    from qgraph.backends.x86 import X86
-    from qgraph.backends.xnnpack import XNNPACK
-
-    known = {b.name: b for b in (XNNPACK, X86)}
-    if not isinstance(name, str) or name not in known:
-        raise ConfigError(f"backend={name!r} is not known; choose one of {sorted(known)}")
-    return known[name]
+__all__ = [
+    "BACKENDS",
+    "X86",
+    "XNNPACK",
+    "get_backend",
+    "x86_dynamic_scheme",
+    "x86_scheme",
+    "xnnpack_dynamic_scheme",
+    "xnnpack_scheme",
+]

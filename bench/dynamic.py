@@ -8,7 +8,7 @@ defaults.
 One JSON line per model and flow:
 
 * ``fp32``: batch-1 latency of the float ``.pte`` (XNNPACK) and of the float ONNX model;
-* ``qgraph-xnnpack``: ``qgraph.dynamic.quantize_dynamic(backend="xnnpack")`` — its wall time,
+* ``qgraph-xnnpack``: ``qgraph.recipes.dynamic.quantize_dynamic(backend="xnnpack")`` — its wall time,
   the ``.pte``'s export time, size, latency and delegation;
 * ``qgraph-x86``: ``quantize_dynamic(backend="x86")`` — the ``.onnx``'s export time and
   ONNX Runtime latency, and the ops ONNX Runtime fused it into;
@@ -41,10 +41,11 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qgraph  # noqa: E402
-from qgraph.backends import executorch_emitter, onnx_emitter  # noqa: E402
-from qgraph.capture import batch_dynamic_shapes  # noqa: E402
-from qgraph.dynamic import quantize_dynamic  # noqa: E402
-from qgraph.timing import median_ms  # noqa: E402
+from qgraph.backends.executorch import emitter as executorch_emitter  # noqa: E402
+from qgraph.backends.onnx import emitter as onnx_emitter
+from qgraph.api.capture import batch_dynamic_shapes  # noqa: E402
+from qgraph.recipes.dynamic import quantize_dynamic  # noqa: E402
+from qgraph.core.timing import median_ms  # noqa: E402
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:

@@ -85,8 +85,8 @@ import torchvision
 from torch import nn
 
 import qgraph
-from qgraph.backends.executorch_emitter import write_pte
-from qgraph.backends.onnx_emitter import write_onnx
+from qgraph.backends.executorch.emitter import write_pte
+from qgraph.backends.onnx.emitter import write_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import OtherLoad, interleaved_medians, interleaved_rounds, loaded, paired_ratio, timed  # noqa: E402

@@ -49,7 +49,7 @@ from timing import OtherLoad, interleaved_rounds, loaded, paired_ratio  # noqa: 
 
 import pipeline  # noqa: E402
 import qgraph  # noqa: E402
-from qgraph.backends.onnx_emitter import write_onnx  # noqa: E402
+from qgraph.backends.onnx.emitter import write_onnx  # noqa: E402
 from qgraph.models.vision import build_torchvision, settle_batch_norm  # noqa: E402
 
 RESOLUTION = 224

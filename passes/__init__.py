@@ -1,0 +1,1 @@
+"""Rewrite passes, one per file, grouped by pipeline stage (``qgraph.passes``)."""

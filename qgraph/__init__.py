@@ -5,96 +5,123 @@
     q = qgraph.convert(gm)
     qgraph.export_pte(q, (x,), "model.pte")
     qgraph.export_onnx(q, (x,), "model.onnx")
+
+The public names below are loaded on first use (PEP 562 ``__getattr__``): ``import qgraph``
+costs nothing, so ``qgraph --help`` and ``qgraph report`` start without importing torch, and
+``import qgraph.core`` loads only what the core needs. Each name has one home, given here.
 """
 
-from qgraph.api import calibrate, convert, prepare_ptq, prepare_qat
-from qgraph.capture import capture
-from qgraph.config import QConfig
-from qgraph.emit import export_onnx, export_pte, load_onnx, load_pte
-from qgraph.errors import (
-    CalibrationError,
-    CaptureError,
-    ConfigError,
-    PassError,
-    PassOrderError,
-    QGraphError,
-    UnsupportedOperatorError,
-)
-from qgraph.config import first_last_float
-from qgraph.coverage import coverage
-from qgraph.dynamic import dynamic_config, dynamic_scheme, quantize_dynamic
-from qgraph.histogram import HistogramObserver
-from qgraph.learnable import LearnableFakeQuantize
-from qgraph.lora import add_lora, lora_parameters, merge_lora
-from qgraph.presets import histogram_ptq, learnable_qat
-from qgraph.modes import eval_mode, freeze_bn_stats, freeze_observers, train_mode
-from qgraph.rules import QuantScheme
-from qgraph.specs import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from __future__ import annotations
 
-# Functions named like their modules: bound after the module imports so that
-# ``qgraph.compare`` etc. are the functions (the modules stay in ``sys.modules``).
-from qgraph.compare import LayerError, LayerErrorReport, plot_layer_histograms  # noqa: E402
-from qgraph.compare import compare  # noqa: E402
-from qgraph.check import CheckReport  # noqa: E402
-from qgraph.check import check  # noqa: E402
-from qgraph.lower import lower  # noqa: E402
-from qgraph.report import write_report  # noqa: E402
-from qgraph.sensitivity import MixedPrecisionResult, SensitivityReport, auto_mixed_precision  # noqa: E402
-from qgraph.sensitivity import sensitivity  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING
 
-report = write_report
+__version__ = "0.1.0"
 
-__all__ = [
-    "capture",
-    "prepare_qat",
-    "prepare_ptq",
-    "calibrate",
-    "convert",
-    "export_pte",
-    "export_onnx",
-    "load_pte",
-    "load_onnx",
-    "train_mode",
-    "eval_mode",
-    "freeze_observers",
-    "freeze_bn_stats",
-    "coverage",
-    "quantize_dynamic",
-    "add_lora",
-    "merge_lora",
-    "lora_parameters",
-    "histogram_ptq",
-    "learnable_qat",
-    "HistogramObserver",
-    "LearnableFakeQuantize",
-    "dynamic_config",
-    "dynamic_scheme",
-    "compare",
-    "lower",
-    "check",
-    "CheckReport",
-    "LayerError",
-    "LayerErrorReport",
-    "plot_layer_histograms",
-    "sensitivity",
-    "SensitivityReport",
-    "auto_mixed_precision",
-    "MixedPrecisionResult",
-    "report",
-    "write_report",
-    "first_last_float",
-    "QConfig",
-    "QuantScheme",
-    "QuantSpec",
-    "PerTensor",
-    "PerChannel",
-    "PerGroup",
-    "PerToken",
-    "QGraphError",
-    "CaptureError",
-    "ConfigError",
-    "UnsupportedOperatorError",
-    "PassOrderError",
-    "PassError",
-    "CalibrationError",
-]
+_HOMES: dict[str, str] = {
+    # the pipeline
+    "capture": "qgraph.api.capture",
+    "prepare_qat": "qgraph.api.pipeline",
+    "prepare_ptq": "qgraph.api.pipeline",
+    "calibrate": "qgraph.api.pipeline",
+    "convert": "qgraph.api.pipeline",
+    "export_pte": "qgraph.api.export",
+    "export_onnx": "qgraph.api.export",
+    "load_pte": "qgraph.api.export",
+    "load_onnx": "qgraph.api.export",
+    "lower": "qgraph.api.lower",
+    "train_mode": "qgraph.api.modes",
+    "eval_mode": "qgraph.api.modes",
+    "freeze_observers": "qgraph.api.modes",
+    "freeze_bn_stats": "qgraph.api.modes",
+    # configuration
+    "QConfig": "qgraph.quant.config",
+    "first_last_float": "qgraph.quant.config",
+    "QuantScheme": "qgraph.quant.rules",
+    "QuantSpec": "qgraph.quant.specs",
+    "PerTensor": "qgraph.quant.specs",
+    "PerChannel": "qgraph.quant.specs",
+    "PerGroup": "qgraph.quant.specs",
+    "PerToken": "qgraph.quant.specs",
+    "HistogramObserver": "qgraph.observers.histogram",
+    "LearnableFakeQuantize": "qgraph.observers.learnable",
+    # recipes
+    "quantize_dynamic": "qgraph.recipes.dynamic",
+    "dynamic_config": "qgraph.recipes.dynamic",
+    "dynamic_scheme": "qgraph.recipes.dynamic",
+    "histogram_ptq": "qgraph.recipes.presets",
+    "learnable_qat": "qgraph.recipes.presets",
+    "add_lora": "qgraph.recipes.lora",
+    "merge_lora": "qgraph.recipes.lora",
+    "lora_parameters": "qgraph.recipes.lora",
+    # tools
+    "coverage": "qgraph.tools.coverage",
+    "compare": "qgraph.tools.compare",
+    "LayerError": "qgraph.tools.compare",
+    "LayerErrorReport": "qgraph.tools.compare",
+    "plot_layer_histograms": "qgraph.tools.compare",
+    "check": "qgraph.tools.check",
+    "CheckReport": "qgraph.tools.check",
+    "sensitivity": "qgraph.tools.sensitivity",
+    "SensitivityReport": "qgraph.tools.sensitivity",
+    "auto_mixed_precision": "qgraph.tools.sensitivity",
+    "MixedPrecisionResult": "qgraph.tools.sensitivity",
+    "write_report": "qgraph.tools.report",
+    # errors
+    "QGraphError": "qgraph.core.errors",
+    "CaptureError": "qgraph.core.errors",
+    "ConfigError": "qgraph.core.errors",
+    "UnsupportedOperatorError": "qgraph.core.errors",
+    "PassOrderError": "qgraph.core.errors",
+    "PassError": "qgraph.core.errors",
+    "CalibrationError": "qgraph.core.errors",
+}
+_ALIASES = {"report": "write_report"}
+
+__all__ = sorted([*_HOMES, *_ALIASES])
+
+
+def __getattr__(name: str):
+    real = _ALIASES.get(name, name)
+    home = _HOMES.get(real)
+    if home is None:
+        raise AttributeError(f"module 'qgraph' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), real)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from qgraph.api.pipeline import calibrate, convert, prepare_ptq, prepare_qat
+    from qgraph.api.capture import capture
+    from qgraph.core.errors import (
+        CalibrationError,
+        CaptureError,
+        ConfigError,
+        PassError,
+        PassOrderError,
+        QGraphError,
+        UnsupportedOperatorError,
+    )
+    from qgraph.api.export import export_onnx, export_pte, load_onnx, load_pte
+    from qgraph.api.lower import lower
+    from qgraph.api.modes import eval_mode, freeze_bn_stats, freeze_observers, train_mode
+    from qgraph.observers.histogram import HistogramObserver
+    from qgraph.observers.learnable import LearnableFakeQuantize
+    from qgraph.quant.config import QConfig, first_last_float
+    from qgraph.quant.rules import QuantScheme
+    from qgraph.quant.specs import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+    from qgraph.recipes.dynamic import dynamic_config, dynamic_scheme, quantize_dynamic
+    from qgraph.recipes.lora import add_lora, lora_parameters, merge_lora
+    from qgraph.recipes.presets import histogram_ptq, learnable_qat
+    from qgraph.tools.check import CheckReport, check
+    from qgraph.tools.compare import LayerError, LayerErrorReport, compare, plot_layer_histograms
+    from qgraph.tools.coverage import coverage
+    from qgraph.tools.report import write_report
+    from qgraph.tools.sensitivity import MixedPrecisionResult, SensitivityReport, auto_mixed_precision, sensitivity
+
+    report = write_report

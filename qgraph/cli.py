@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    from qgraph.errors import QGraphError
+    from qgraph.core.errors import QGraphError
 
     try:
         return _run(args)

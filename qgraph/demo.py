@@ -18,11 +18,11 @@ import torch
 from tabulate import tabulate
 
 import qgraph
-from qgraph.backends.executorch_emitter import write_pte
-from qgraph.backends.xnnpack import xnnpack_scheme
+from qgraph.backends.executorch.emitter import write_pte
+from qgraph.backends.rules.xnnpack import xnnpack_scheme
 from qgraph.models.digits import DigitsCNN, load_digits_split
-from qgraph.timing import median_ms
-from qgraph.training import accuracy, batches, train_epochs, train_qat
+from qgraph.core.timing import median_ms
+from qgraph.recipes.training import accuracy, batches, train_epochs, train_qat
 
 
 @dataclass

@@ -16,7 +16,7 @@ import importlib
 import torch
 from torch import nn
 
-from qgraph.errors import ConfigError
+from qgraph.core.errors import ConfigError
 
 
 def load_model_spec(spec: str, input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, torch.Tensor]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import qgraph.qdq_ops  # noqa: F401  registers quantized_decomposed ops
+import qgraph.ops.qdq  # noqa: F401  registers quantized_decomposed ops
 
 torch.set_num_threads(2)
 warnings.filterwarnings("ignore", message=".*KernelPreference.*")

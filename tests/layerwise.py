@@ -26,9 +26,9 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from qgraph.backends.common import MAX_POOL_OPS
-from qgraph.graph import SHAPE_OPS, copy_graph_module, is_op
-from qgraph.qdq_ops import qd
+from qgraph.backends.rules.base import MAX_POOL_OPS
+from qgraph.core.graph import SHAPE_OPS, copy_graph_module, is_op
+from qgraph.ops.qdq import qd
 
 CUT_OPS = frozenset({qd.quantize_per_tensor.default})
 """Activation quantizers with constant qparams (weights are integer constants by now)."""

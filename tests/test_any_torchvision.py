@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torchvision
 
-from qgraph.coverage import coverage
+from qgraph.tools.coverage import coverage
 from tests.test_conformance import RUNTIME
 from tests.test_model_zoo import (
     MODELS,

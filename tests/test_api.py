@@ -11,8 +11,8 @@ from torch import nn
 
 import qgraph
 from qgraph import CaptureError, ConfigError
-from qgraph.graph import BATCH_NORM_OPS, DROPOUT_OPS, is_op
-from qgraph.observers import FakeQuantize
+from qgraph.core.graph import BATCH_NORM_OPS, DROPOUT_OPS, is_op
+from qgraph.observers.base import FakeQuantize
 
 
 def _train_steps(model, batches, lr=0.01):
@@ -119,7 +119,7 @@ def test_model_that_cannot_be_exported_gives_capture_error(image_batch):
 
 
 def test_operator_without_rule_in_config_is_rejected(conv_bn_net, image_batch):
-    scheme = qgraph.backends.xnnpack.xnnpack_scheme()
+    scheme = qgraph.backends.rules.xnnpack.xnnpack_scheme()
     config = qgraph.QConfig().set_operator(torch.ops.aten.softmax.int, scheme)
     with pytest.raises(ConfigError, match=r"aten.softmax.int.*no rule"):
         qgraph.prepare_ptq(conv_bn_net, (image_batch,), config=config)
@@ -153,7 +153,7 @@ def test_failed_export_leaves_existing_file_untouched(conv_bn_net, image_batch, 
 
 def test_written_files_get_the_usual_permissions(tmp_path):
     # an atomic write goes through a private temporary file; the result must not stay 0600
-    from qgraph.files import atomic_write_text
+    from qgraph.core.files import atomic_write_text
 
     umask = os.umask(0o022)
     try:

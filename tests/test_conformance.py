@@ -31,12 +31,12 @@ import pytest
 import torch
 
 import qgraph
-from qgraph.backends.xnnpack import xnnpack_scheme
-from qgraph.check import check
+from qgraph.backends.rules.xnnpack import xnnpack_scheme
+from qgraph.tools.check import check
 from qgraph.models.digits import DigitsCNN, load_digits_split
 from qgraph.models.vision import build_torchvision, settle_batch_norm
-from qgraph.specs import Int32Bias
-from tests.passes.test_lower_reference import EveryOp
+from qgraph.quant.specs import Int32Bias
+from tests.passes.lower.test_lower_reference import EveryOp
 
 RUNTIME = {"xnnpack": "pte", "x86": "onnx"}
 """The runtime each backend's model is written for."""

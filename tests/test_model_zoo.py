@@ -39,7 +39,7 @@ from torch import nn
 
 import qgraph
 from qgraph import QConfig
-from qgraph.coverage import coverage
+from qgraph.tools.coverage import coverage
 from qgraph.demo import output_scale
 from qgraph.models.vision import build_torchvision
 from qgraph.models.vision import settle_batch_norm as settle_on_data
@@ -271,7 +271,7 @@ def _run(flow: Flow, fmt: str, tmp_path_factory) -> Run:
     out = tmp_path_factory.mktemp(f"{flow.name}-{flow.backend}-{flow.mode}")
     if fmt == "pte":
         # The graph ExecuTorch sees, so that the cut integers are on the program's grid.
-        graph, x = qgraph.emit.lower_for_xnnpack(flow.converted), flow.x[:1]  # static shapes
+        graph, x = qgraph.api.export.lower_for_xnnpack(flow.converted), flow.x[:1]  # static shapes
         program, own, names = with_quantized_outputs(graph)
         run = qgraph.load_pte(qgraph.export_pte(program, (x,), out / "model.pte").path)
     else:

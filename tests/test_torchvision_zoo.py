@@ -16,9 +16,9 @@ import torch
 
 import qgraph
 from qgraph.demo import output_scale
-from qgraph.graph import HARDTANH_OPS, DROPOUT_OPS, CONV_OPS, is_op
+from qgraph.core.graph import HARDTANH_OPS, DROPOUT_OPS, CONV_OPS, is_op
 from qgraph.models.vision import build_torchvision
-from qgraph.qdq_ops import DEQUANTIZE_OPS, QUANTIZE_OPS
+from qgraph.ops.qdq import DEQUANTIZE_OPS, QUANTIZE_OPS
 from tests.conftest import count_ops
 
 
@@ -28,7 +28,7 @@ class Flow:
     model: torch.nn.Module
     prepared: torch.fx.GraphModule
     converted: torch.fx.GraphModule
-    pte: qgraph.emit.PteReport
+    pte: qgraph.api.export.PteReport
     onnx: str
     x: torch.Tensor
 

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 import qgraph
-from qgraph.coverage import coverage
-from qgraph.graph import DROPOUT_OPS, is_op
-from qgraph.qdq_ops import DEQUANTIZE_OPS, QUANTIZE_OPS
-from qgraph.specs import ANNOTATION_KEY
+from qgraph.tools.coverage import coverage
+from qgraph.core.graph import DROPOUT_OPS, is_op
+from qgraph.ops.qdq import DEQUANTIZE_OPS, QUANTIZE_OPS
+from qgraph.quant.specs import ANNOTATION_KEY
 
 aten = torch.ops.aten
 SEQ, DIM = 16, 64

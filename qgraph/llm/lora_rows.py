@@ -1,7 +1,7 @@
 """QAT + LoRA rows of the LLM table: 8da4w base, float adapters, merged and unmerged.
 
 From the fp32 checkpoint (the same start as the QAT row): ``prepare_qat`` with the table's
-8da4w config, :func:`qgraph.lora.add_lora` on every linear inside the decoder blocks (rank
+8da4w config, :func:`qgraph.recipes.lora.add_lora` on every linear inside the decoder blocks (rank
 ``r``, ``alpha``), then the QAT row's training schedule (same steps, data and seed) on the
 adapters alone — the int4 base weights stay frozen under fake quantization. Two converted
 models come out of one training run:
@@ -29,7 +29,7 @@ import torch
 import qgraph
 from qgraph.llm.table import LORA_ROWS, Row
 from qgraph.llm.train import TrainConfig, perplexity, train
-from qgraph.lora import add_lora, lora_parameters, merge_lora
+from qgraph.recipes.lora import add_lora, lora_parameters, merge_lora
 
 TARGETS = r"layers\.\d+"
 """Every linear of every decoder block (wq, wk, wv, wo, w1, w2, w3); not the output head."""

@@ -40,9 +40,9 @@ import torch
 from tabulate import tabulate
 
 import qgraph
-from qgraph.files import atomic_write_text
+from qgraph.core.files import atomic_write_text
 from qgraph.llm.train import CHECKPOINT, TrainConfig, heldout_windows, load_or_train, perplexity, train
-from qgraph.lowbit import llm_config
+from qgraph.recipes.lowbit import llm_config
 from qgraph.models import pydata
 from qgraph.models.llama import greedy_decode
 

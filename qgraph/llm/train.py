@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from qgraph.files import atomic_path
+from qgraph.core.files import atomic_path
 from qgraph.models import pydata
 from qgraph.models.llama import Llama, LlamaConfig
 

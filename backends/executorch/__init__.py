@@ -1,0 +1,1 @@
+"""The ExecuTorch emitter (.pte, XNNPACK delegate) and its export-time rewrites."""

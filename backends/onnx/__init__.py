@@ -1,0 +1,1 @@
+"""The ONNX emitter (QDQ model for ONNX Runtime) and its export-time rewrites."""

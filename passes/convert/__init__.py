@@ -1,0 +1,1 @@
+"""Passes of the convert pipeline (fake-quant → quantize / dequantize ops, integer weights)."""

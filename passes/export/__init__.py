@@ -1,0 +1,1 @@
+"""Passes that shape a converted graph for a runtime file (.pte, .onnx)."""

@@ -1,0 +1,1 @@
+"""Passes that lower Q/DQ patterns to the integer reference ops (``qgraph.lower``)."""

@@ -1,0 +1,1 @@
+"""Passes of the prepare pipeline (capture → observers / fake-quant)."""

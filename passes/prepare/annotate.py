@@ -1,0 +1,238 @@
+"""Annotate: the backend's rules write a :class:`QuantAnnotation` into ``node.meta``.
+
+Rules are tried in table order; within a rule, nodes in graph order, so pass-through rules
+see the annotations of their producers. A rule matches a chain ``anchor → f1 → f2`` when
+every follower is the only user of the node before it and no node of the chain is
+annotated yet. The anchor's inputs get specs by role (see :mod:`qgraph.quant.rules`); the last
+node of the chain gets the output spec; the followers carry an annotation with no specs,
+which marks them as fused (no quantizer inside the chain).
+
+With a dynamic scheme (``scheme.is_dynamic``) only rules that list the activation's
+granularity in ``OpRule.dynamic`` match (conv, linear); their ``"act"`` inputs get the
+dynamic spec and their output stays float.
+
+A *dynamic* scheme quantizes only the inputs of rules with a dynamic form (conv, linear) and
+leaves outputs float; a *weight-only* scheme (``activation=None``) only the weights of rules
+that have one (linear, embedding). A weight spec that cannot apply to a given weight (per-group
+scales whose group size does not divide the input features) is a refusal with that reason.
+
+Why a node was not matched is recorded per rule; ``debug_node="conv2d_3"`` (or env
+``QGRAPH_DEBUG_NODE``) logs that list, and ``strict`` config turns an unquantized conv or
+linear into an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+import torch.fx
+
+from qgraph.quant.batch_norm import FOLDED_INTO_KEY
+from qgraph.quant.config import QConfig
+from qgraph.core.errors import UnsupportedOperatorError, describe_node
+from qgraph.core.graph import CONV_OPS, LINEAR_OPS, is_op, single_user
+from qgraph.core.pass_manager import Pass, PassResult
+from qgraph.quant.rules import Backend, OpRule, QuantScheme, has_float_output
+from qgraph.quant.specs import (
+    ANNOTATION_KEY,
+    AnySpec,
+    DerivedSpec,
+    Int32Bias,
+    PerGroup,
+    QuantAnnotation,
+    QuantSpec,
+    SharedSpec,
+)
+
+log = logging.getLogger("qgraph.annotate")
+
+MUST_QUANTIZE_OPS = CONV_OPS | LINEAR_OPS
+REFUSALS_KEY = "qgraph_refusals"
+"""``node.meta`` key on a conv / linear left in float: ``[(rule, reason), ...]``."""
+
+
+class Annotate(Pass):
+    """Write the backend's quant specs into ``node.meta['qgraph_annotation']``."""
+
+    name = "annotate"
+
+    def __init__(self, backend: Backend, is_qat: bool, config: QConfig | None = None, debug_node: str | None = None):
+        self.backend = backend
+        self.config = config or QConfig()
+        self.default = backend.default_scheme(is_qat)
+        self.debug_node = debug_node or os.environ.get("QGRAPH_DEBUG_NODE")
+        self.refusals: dict[str, list[tuple[str, str]]] = {}
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        self.kept_float = self._first_and_last(gm) if self.config.keep_first_last_float else set()
+        modified = False
+        for rule in self.backend.rules:
+            for node in gm.graph.nodes:
+                if is_op(node, rule.anchor_ops):
+                    modified |= self._try(gm, rule, node)
+        self._report_unquantized(gm)
+        return PassResult(gm, modified)
+
+    # -- matching ---------------------------------------------------------------------
+    def _refuse(self, node: torch.fx.Node, rule: OpRule, reason: str) -> bool:
+        self.refusals.setdefault(node.name, []).append((rule.name, reason))
+        if self.debug_node == node.name:
+            log.warning("node %s: rule %s refused: %s", node.name, rule.name, reason)
+        return False
+
+    def _chain(self, rule: OpRule, anchor: torch.fx.Node) -> list[torch.fx.Node] | str:
+        nodes = [anchor]
+        # Nodes that QAT batch-norm folding attached to this anchor belong to it.
+        while (nxt := single_user(nodes[-1])) is not None and nxt.meta.get(FOLDED_INTO_KEY) == anchor.name:
+            nodes.append(nxt)
+        for ops in rule.chain[1:]:
+            nxt = single_user(nodes[-1])
+            if nxt is None or not is_op(nxt, ops):
+                return f"'{nodes[-1].name}' is not followed by a single {sorted(map(str, ops))[0]}-like op"
+            nodes.append(nxt)
+        return nodes
+
+    def _try(self, gm: torch.fx.GraphModule, rule: OpRule, anchor: torch.fx.Node) -> bool:
+        if ANNOTATION_KEY in anchor.meta:
+            return False
+        chain = self._chain(rule, anchor)
+        if isinstance(chain, str):
+            return self._refuse(anchor, rule, chain)
+        if any(ANNOTATION_KEY in n.meta for n in chain):
+            return self._refuse(anchor, rule, "part of the pattern is already matched by another rule")
+        scheme = None if anchor.name in self.kept_float else self.config.scheme_for(anchor, self.default)
+        if scheme is None:
+            return self._refuse(anchor, rule, "the config keeps this node in float (scheme None)")
+        if scheme.is_dynamic and type(scheme.activation.granularity) not in rule.dynamic:
+            granularity = type(scheme.activation.granularity).__name__
+            why = f"no dynamic form with {granularity} activations" if rule.dynamic else "no dynamic form"
+            return self._refuse(anchor, rule, f"{why} (dynamic quantization covers layers with a constant weight)")
+        if scheme.is_weight_only and "weight" not in rule.inputs.values():
+            return self._refuse(anchor, rule, "a weight-only scheme quantizes only layers with a weight")
+        if rule.needs_weight_only and not scheme.is_weight_only:
+            return self._refuse(
+                anchor, rule, "quantized only by a weight-only scheme (activation=None), e.g. qgraph.embedding_weight_only()"
+            )
+        for check in (rule.check, rule.dynamic_check if scheme.is_dynamic else None):
+            reason = check(gm, chain) if check is not None else None
+            if reason:
+                return self._refuse(anchor, rule, reason)
+        inputs = self._input_specs(rule, anchor, scheme)
+        if isinstance(inputs, str):
+            return self._refuse(anchor, rule, inputs)
+        last = chain[-1]
+        output: AnySpec | None = None
+        if scheme.is_dynamic or scheme.is_weight_only:
+            pass  # float output: a dynamic layer's consumer picks its own range at run time
+        elif rule.output == "act":
+            output = scheme.activation
+        elif rule.output == "shared":
+            first = _first_tensor_input(anchor)
+            output = SharedSpec((first.name, anchor.name)) if first is not None else None
+        anchor.meta[ANNOTATION_KEY] = QuantAnnotation(rule.name, anchor.name, inputs, output if last is anchor else None)
+        for follower in chain[1:]:
+            follower.meta[ANNOTATION_KEY] = QuantAnnotation(
+                rule.name, anchor.name, {}, output if follower is last else None
+            )
+        return True
+
+    def _input_specs(self, rule: OpRule, anchor: torch.fx.Node, scheme: QuantScheme) -> dict[str, AnySpec] | str:
+        specs: dict[str, AnySpec] = {}
+        for index, role in rule.inputs.items():
+            if index >= len(anchor.args) or anchor.args[index] is None:
+                continue
+            arg = anchor.args[index]
+            if role == "list_shared":
+                items = [a for a in arg if isinstance(a, torch.fx.Node)]
+                if not items or not all(has_float_output(a) for a in items):
+                    return "inputs are not all float tensors"
+                first = items[0]
+                specs[first.name] = _follow(first) or scheme.activation
+                for other in items[1:]:
+                    specs.setdefault(other.name, SharedSpec((first.name, anchor.name)))
+                continue
+            if not isinstance(arg, torch.fx.Node):
+                continue
+            if role == "act":
+                if scheme.activation is not None:  # weight-only: the input stays float
+                    specs[arg.name] = scheme.activation
+            elif role == "weight":
+                misfit = _weight_misfit(arg, scheme.weight)
+                if misfit:
+                    return misfit
+                specs[arg.name] = scheme.weight
+            elif role == "bias":
+                if isinstance(scheme.bias, Int32Bias):
+                    specs[arg.name] = _derived_bias(rule, anchor, scheme.bias)
+                elif scheme.bias is not None:
+                    specs[arg.name] = scheme.bias
+            elif role in ("follow", "follow_or_act"):
+                shared = _follow(arg)
+                if shared is None and role == "follow":
+                    return f"input '{arg.name}' is not quantized, so there are no qparams to pass through"
+                specs[arg.name] = shared or scheme.activation
+        return specs
+
+    @staticmethod
+    def _first_and_last(gm: torch.fx.GraphModule) -> set[str]:
+        layers = [n.name for n in gm.graph.nodes if is_op(n, MUST_QUANTIZE_OPS)]
+        return {layers[0], layers[-1]} if layers else set()
+
+    # -- reporting ----------------------------------------------------------------------
+    def _report_unquantized(self, gm: torch.fx.GraphModule) -> None:
+        for node in gm.graph.nodes:
+            if not is_op(node, MUST_QUANTIZE_OPS) or ANNOTATION_KEY in node.meta:
+                continue
+            tried = self.refusals.get(node.name, [])
+            node.meta[REFUSALS_KEY] = list(tried)
+            if any("scheme None" in why for _, why in tried):
+                continue  # the user asked for float here
+            reasons = "; ".join(f"{r}: {why}" for r, why in tried) or "no rule of this backend covers it"
+            msg = (
+                f"{describe_node(node)} stays in float on backend '{self.backend.name}' ({reasons}). "
+                "Keep it in float explicitly with QConfig.set_module_name(..., None), or add a rule for it."
+            )
+            if self.config.strict:
+                raise UnsupportedOperatorError(msg)
+            warnings.warn(msg, stacklevel=2)
+
+
+def _weight_misfit(weight: torch.fx.Node, spec: QuantSpec) -> str | None:
+    """Why ``spec`` cannot quantize this weight, or None: per-group scales need a 2-D weight
+    whose last dimension (a linear's ``in_features``) is a multiple of the group size."""
+    if not isinstance(spec.granularity, PerGroup):
+        return None
+    val = weight.meta.get("val")
+    shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
+    size = spec.granularity.group_size
+    if shape is None or len(shape) != 2:
+        return f"group-wise weights need a 2-D weight (linear, embedding), '{weight.name}' has shape {shape}"
+    if shape[1] % size:
+        return f"weight '{weight.name}' {list(shape)}: {shape[1]} input features are not a multiple of group size {size}"
+    return None
+
+
+def _follow(producer: torch.fx.Node) -> SharedSpec | None:
+    """Share the producer's output qparams when it has an output spec."""
+    ann = producer.meta.get(ANNOTATION_KEY)
+    if ann is not None and ann.output is not None:
+        return SharedSpec(producer.name)
+    return None
+
+
+def _first_tensor_input(node: torch.fx.Node) -> torch.fx.Node | None:
+    arg = node.args[0] if node.args else None
+    if isinstance(arg, (list, tuple)):
+        arg = next((a for a in arg if isinstance(a, torch.fx.Node)), None)
+    return arg if isinstance(arg, torch.fx.Node) else None
+
+
+def _derived_bias(rule: OpRule, anchor: torch.fx.Node, bias: Int32Bias) -> DerivedSpec:
+    """The bias spec ``scale = scale(input edge) × scale(weight edge)`` of this anchor."""
+    act = next(i for i, r in rule.inputs.items() if r == "act")
+    weight = next(i for i, r in rule.inputs.items() if r == "weight")
+    points = tuple((anchor.args[i].name, anchor.name) for i in (act, weight))
+    return DerivedSpec(points=points, dtype=bias.dtype)

@@ -1,0 +1,104 @@
+"""Write a converted model as an ExecuTorch ``.pte`` or an ONNX QDQ model, and load them back.
+
+Files are written atomically: a failure leaves no partial file and an existing file intact.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from qgraph.backends.executorch import emitter as executorch_emitter
+from qgraph.backends.onnx import emitter as onnx_emitter
+from qgraph.backends.executorch.emitter import PteReport
+from qgraph.api.capture import as_args, batch_dynamic_shapes
+from qgraph.core.errors import ConfigError
+from qgraph.core.graph import copy_graph_module
+from qgraph.core.pass_manager import PassManager
+
+
+def _check_converted(model: torch.nn.Module) -> None:
+    if isinstance(model, torch.fx.GraphModule) and "qgraph_prepared" in model.meta:
+        raise ConfigError("this model is prepared, not converted: call qgraph.convert(prepared) before exporting")
+
+
+def export_pte(quantized: torch.nn.Module, example_inputs: Any, path: str | os.PathLike) -> PteReport:
+    """Lower ``quantized`` to ExecuTorch with the XNNPACK delegate and write ``path``.
+
+    Both backends' models export: an x86 model is first rewritten by
+    :func:`lower_for_xnnpack` (uint8 → int8 activations, float biases), which changes no
+    output value.
+
+    Returns a :class:`PteReport` (size, and the ops inside and outside the delegate). The
+    program has the static shapes of ``example_inputs``.
+    """
+    _check_converted(quantized)
+    if isinstance(quantized, torch.fx.GraphModule):
+        from qgraph.passes.lora.add_lora import pte_blocker
+
+        if (why := pte_blocker(quantized)) is not None:
+            raise ConfigError(f"export_pte: {why}")
+        from qgraph.backends.executorch.lowbit import group_weight_blocker
+
+        if (why := group_weight_blocker(quantized)) is not None:
+            raise ConfigError(f"export_pte: {why}")
+        quantized = lower_for_xnnpack(quantized)
+    args = as_args(example_inputs)
+    program = torch.export.export(quantized, args)
+    return executorch_emitter.write_pte(program, path)
+
+
+def lower_for_xnnpack(quantized: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``quantized`` in the int8 form ExecuTorch's XNNPACK delegate runs.
+
+    uint8 activations (x86 scheme) become the same grid in int8 (zero point - 128), and
+    int32 biases become the float biases the delegate quantizes itself with the same scale:
+    both exact, so the ``.pte`` computes what the converted model does. Quantized embedding
+    tables become ExecuTorch's ``embedding_byte`` / ``embedding_4bit`` kernels (same values).
+    A model quantized for XNNPACK passes through unchanged.
+    """
+    from qgraph.passes.export.fold_bias_dequantize import FoldBiasDequantize
+    from qgraph.backends.executorch.lowbit import UseEmbeddingKernels
+    from qgraph.passes.export.shift_uint8_to_int8 import ShiftUint8ToInt8
+
+    passes = [ShiftUint8ToInt8(), FoldBiasDequantize(), UseEmbeddingKernels()]
+    return PassManager(passes, stage="export_pte")(copy_graph_module(quantized))
+
+
+def export_onnx(quantized: torch.nn.Module, example_inputs: Any, path: str | os.PathLike) -> str:
+    """Write ``quantized`` as an ONNX QDQ model with a dynamic batch axis; returns the path.
+
+    Dynamically quantized linears and convs are written in ONNX Runtime's
+    ``quantize_dynamic`` form (``DynamicQuantizeLinear`` + ``MatMulInteger`` /
+    ``ConvInteger``), see :func:`lower_for_onnx`.
+    """
+    _check_converted(quantized)
+    if isinstance(quantized, torch.fx.GraphModule):
+        quantized = lower_for_onnx(quantized)
+    args = as_args(example_inputs)
+    return onnx_emitter.write_onnx(quantized, args, batch_dynamic_shapes(args), path)
+
+
+def lower_for_onnx(quantized: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``quantized`` whose dynamic layers are single integer ops (same outputs).
+
+    The ONNX emitter writes them as ``DynamicQuantizeLinear → MatMulInteger / ConvInteger``;
+    a model without dynamic layers passes through unchanged.
+    """
+    from qgraph.passes.export.lower_dynamic_to_integer import LowerDynamicToInteger
+
+    return PassManager([LowerDynamicToInteger()], stage="export_onnx")(copy_graph_module(quantized))
+
+
+def load_pte(path: str | os.PathLike) -> Callable[..., Any]:
+    """Run a ``.pte`` in the ExecuTorch runtime: ``load_pte(p)(x) -> tensor``."""
+    return executorch_emitter.load_pte(path)
+
+
+def load_onnx(path: str | os.PathLike, optimize: bool = True, spin: bool = True) -> Callable[..., Any]:
+    """Run an ``.onnx`` in ONNX Runtime: ``load_onnx(p)(x) -> tensor`` (options: see
+    :func:`qgraph.backends.onnx.emitter.load_onnx`)."""
+    return onnx_emitter.load_onnx(path, optimize=optimize, spin=spin)

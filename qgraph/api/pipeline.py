@@ -1,0 +1,155 @@
+"""The public pipeline: capture → prepare (QAT or PTQ) → calibrate / train → convert.
+
+Every function takes and returns plain ``torch.fx.GraphModule`` objects, so the prepared
+model trains with ordinary PyTorch code. Nothing here mutates the caller's model: prepare
+and convert work on deep copies.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+from torch import nn
+from tqdm.auto import tqdm
+
+from qgraph.backends import get_backend
+from qgraph.api.capture import as_args, capture
+from qgraph.quant.config import QConfig
+from qgraph.core.errors import ConfigError
+from qgraph.core.graph import copy_graph_module
+from qgraph.api.modes import bind_mode_methods, eval_mode, train_mode
+from qgraph.core.pass_manager import PassManager
+from qgraph.passes.lora.add_lora import LORA_KEY
+from qgraph.passes.prepare.annotate import Annotate
+from qgraph.passes.prepare.chunk_to_slices import ChunkToSlices
+from qgraph.passes.convert.fold_bn import FoldBn
+from qgraph.passes.prepare.fold_conv_bn import FoldConvBn
+from qgraph.passes.convert.freeze_qparams import FreezeQparams
+from qgraph.passes.prepare.fuse_conv_bn_qat import FuseConvBnQat
+from qgraph.passes.prepare.insert_quantizers import InsertQuantizers
+from qgraph.passes.convert.quantize_weights import QuantizeWeights
+from qgraph.passes.prepare.remove_dropout import RemoveDropout
+from qgraph.passes.prepare.resolve_specs import ResolveSpecs
+from qgraph.passes.prepare.stochastic_depth import StochasticDepth
+
+PREPARED_KEY = "qgraph_prepared"
+CONVERTED_KEY = "qgraph_converted"
+
+
+def _graph_of(model: nn.Module, example_inputs: Any) -> tuple[torch.fx.GraphModule, bool]:
+    """A private GraphModule for ``model`` and whether the model was in training mode."""
+    if isinstance(model, torch.fx.GraphModule):
+        return copy_graph_module(model), model.training
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be an nn.Module or a captured GraphModule, got {type(model).__name__}")
+    return capture(model, example_inputs), model.training
+
+
+def _prepare(model, example_inputs, backend, config, dump_dir, debug_node, is_qat: bool) -> torch.fx.GraphModule:
+    rules = get_backend(backend)
+    if config is not None and not isinstance(config, QConfig):
+        raise ConfigError(f"config must be a qgraph.QConfig or None, got {type(config).__name__}")
+    _check_operators(config, rules)
+    if isinstance(model, torch.fx.GraphModule) and model.meta.get(LORA_KEY):
+        raise ConfigError(
+            "this graph already has LoRA adapters; prepare the base model first and add adapters after: "
+            "qgraph.add_lora(qgraph.prepare_qat(model, example_inputs), ...)"
+        )
+    gm, training = _graph_of(model, example_inputs)
+    if not is_qat:
+        eval_mode(gm)
+    fuse = FuseConvBnQat() if is_qat else FoldConvBn()
+    passes = [
+        StochasticDepth(),
+        ChunkToSlices(),
+        fuse,
+        Annotate(rules, is_qat, config, debug_node),
+        ResolveSpecs(),
+        InsertQuantizers(is_qat),
+    ]
+    gm = PassManager(passes, dump_dir=dump_dir, stage="prepare_qat" if is_qat else "prepare_ptq")(gm)
+    gm.meta[PREPARED_KEY] = {"backend": rules.name, "qat": is_qat}
+    bind_mode_methods(gm)
+    return train_mode(gm) if (is_qat and training) else eval_mode(gm)
+
+
+def _check_operators(config: QConfig | None, backend) -> None:
+    if config is None:
+        return
+    covered = backend.covered_ops()
+    for op, scheme in config.operators.items():
+        overloads = {op} if not hasattr(op, "overloads") else {getattr(op, o) for o in op.overloads()}
+        if scheme is not None and not overloads & covered:
+            raise ConfigError(
+                f"config.operators names {op}, which backend '{backend.name}' has no rule for; "
+                "remove it from the config or add a rule to the backend's table"
+            )
+
+
+def prepare_qat(
+    model: nn.Module,
+    example_inputs: Any,
+    backend: str = "xnnpack",
+    config: QConfig | None = None,
+    dump_dir: str | os.PathLike | None = None,
+    debug_node: str | None = None,
+) -> torch.fx.GraphModule:
+    """Capture ``model`` and insert fake-quant modules for quantization-aware training.
+
+    Conv + BN pairs are rewritten so that the BN-folded weight is fake-quantized while BN
+    keeps training. The result is an ``nn.Module``: train it with your usual loop, switch
+    with ``.train()`` / ``.eval()`` (or :func:`qgraph.train_mode` / :func:`qgraph.eval_mode`).
+    """
+    return _prepare(model, example_inputs, backend, config, dump_dir, debug_node, is_qat=True)
+
+
+def prepare_ptq(
+    model: nn.Module,
+    example_inputs: Any,
+    backend: str = "xnnpack",
+    config: QConfig | None = None,
+    dump_dir: str | os.PathLike | None = None,
+    debug_node: str | None = None,
+) -> torch.fx.GraphModule:
+    """Capture ``model`` in eval mode, fold BN into convs and insert observers for calibration."""
+    return _prepare(model, example_inputs, backend, config, dump_dir, debug_node, is_qat=False)
+
+
+def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[Any], progress: bool = True) -> torch.fx.GraphModule:
+    """Run ``batches`` (tensors or tuples of arguments) through a PTQ-prepared model.
+
+    Runs in eval mode without gradients; observers record ranges. NaN or inf raises
+    :class:`~qgraph.core.errors.CalibrationError` naming the first quantized node that saw it.
+    """
+    eval_mode(prepared)
+    seen = 0
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    with torch.no_grad():
+        for batch in tqdm(batches, total=total, desc="calibrate", disable=not progress, leave=False):
+            prepared(*as_args(batch))
+            seen += 1
+    if seen == 0:
+        from qgraph.core.errors import CalibrationError
+
+        raise CalibrationError("calibrate() got no batches; pass an iterable of example inputs")
+    return prepared
+
+
+def convert(prepared: torch.fx.GraphModule, dump_dir: str | os.PathLike | None = None) -> torch.fx.GraphModule:
+    """Turn a prepared (and trained or calibrated) model into quantize/dequantize form.
+
+    BN is folded, observers and fake-quant modules become ``quantized_decomposed`` quantize
+    / dequantize ops, and weights are stored as int8 tensors. The prepared model is not
+    changed.
+    """
+    if not isinstance(prepared, torch.fx.GraphModule) or PREPARED_KEY not in prepared.meta:
+        raise ConfigError("convert() takes the model returned by qgraph.prepare_qat or qgraph.prepare_ptq")
+    gm = eval_mode(copy_graph_module(prepared))
+    passes = [FoldBn(), RemoveDropout(), FreezeQparams(), QuantizeWeights()]
+    gm = PassManager(passes, dump_dir=dump_dir, stage="convert")(gm)
+    gm.meta[CONVERTED_KEY] = {"backend": gm.meta.pop(PREPARED_KEY)["backend"]}
+    bind_mode_methods(gm)
+    return eval_mode(gm)

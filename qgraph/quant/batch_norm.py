@@ -1,0 +1,72 @@
+"""Batch-norm folding math and the graph facts about a ``aten.batch_norm`` node.
+
+In eval mode ``bn(y) = (y - mean) * gamma / sqrt(var + eps) + beta``. For ``y = conv(x, w) + b``
+that is again a conv with
+
+    w' = w * s          (s = gamma / sqrt(var + eps), one factor per output channel)
+    b' = (b - mean) * s + beta
+
+which is what PTQ folding stores and what ``convert`` computes from a QAT graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from qgraph.core.graph import get_constant
+
+FOLDED_INTO_KEY = "qgraph_folded_into"
+"""``node.meta`` key: the name of the conv this node was folded into (QAT simulated folding)."""
+
+BN_FROZEN_KEY = "qgraph_bn_frozen"
+"""``GraphModule.meta`` key: ``freeze_bn_stats`` froze every batch norm's statistics."""
+
+
+@dataclass
+class BatchNormParams:
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float
+
+
+def bn_params(gm: torch.fx.GraphModule, bn: torch.fx.Node) -> BatchNormParams | None:
+    """The tensors of a ``batch_norm(x, gamma, beta, mean, var, training, momentum, eps, cudnn)``
+    node, or None when they are not all constants (affine=False or no running stats)."""
+    nodes = bn.args[1:5]
+    if not all(isinstance(n, torch.fx.Node) and n.op == "get_attr" for n in nodes):
+        return None
+    gamma, beta, mean, var = (get_constant(gm, n) for n in nodes)  # type: ignore[arg-type]
+    return BatchNormParams(gamma, beta, mean, var, float(bn.args[7]))
+
+
+def fold_scale(p: BatchNormParams) -> torch.Tensor:
+    """``s = gamma / sqrt(var + eps)``."""
+    return p.gamma / torch.sqrt(p.var + p.eps)
+
+
+def fold_conv_bn_weights(
+    weight: torch.Tensor, bias: torch.Tensor | None, p: BatchNormParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w * s, (b - mean) * s + beta)`` with ``s`` broadcast along the output channels."""
+    s = fold_scale(p).detach()
+    shape = [-1] + [1] * (weight.dim() - 1)
+    b = bias.detach() if bias is not None else torch.zeros_like(p.mean)
+    return (weight.detach() * s.reshape(shape)), ((b - p.mean) * s + p.beta).detach()
+
+
+def bn_counter_updates(gm: torch.fx.GraphModule, gamma: object) -> list[torch.fx.Node]:
+    """The ``num_batches_tracked += 1`` nodes of the BN whose weight is ``gamma`` (same module)."""
+    if not isinstance(gamma, torch.fx.Node) or gamma.op != "get_attr":
+        return []
+    prefix = str(gamma.target).rpartition(".")[0]
+    target = f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == target:
+            found.extend(u for u in node.users if u.op == "call_function")
+    return found

@@ -1,0 +1,86 @@
+"""The pass manager: declared ordering, lint after every pass, dumps, errors naming passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qgraph
+from qgraph import PassError, PassOrderError
+from qgraph.core.pass_manager import Pass, PassManager, PassResult
+from qgraph.passes.prepare.annotate import Annotate
+from qgraph.passes.prepare.insert_quantizers import InsertQuantizers
+from qgraph.passes.prepare.resolve_specs import ResolveSpecs
+
+
+class _Breaks(Pass):
+    name = "breaks"
+
+    def call(self, gm):
+        # Use a node before it is defined: graph.lint() must catch it.
+        last = [n for n in gm.graph.nodes if n.op == "call_function"][-1]
+        with gm.graph.inserting_before(next(iter(gm.graph.nodes))):
+            gm.graph.call_function(torch.ops.aten.relu.default, (last,))
+        return PassResult(gm, True)
+
+
+class _Nothing(Pass):
+    name = "nothing"
+
+    def call(self, gm):
+        return PassResult(gm, False)
+
+
+def test_order_is_checked_when_the_pipeline_is_built():
+    with pytest.raises(PassOrderError, match="InsertQuantizers requires ResolveSpecs"):
+        PassManager([InsertQuantizers(is_qat=True), ResolveSpecs()])
+
+
+def test_failing_pass_is_named_with_the_passes_before_it(conv_bn_net, image_batch):
+    gm = qgraph.capture(conv_bn_net, (image_batch,))
+    with pytest.raises(PassError, match=r"_Breaks failed after \[_Nothing\]"):
+        PassManager([_Nothing(), _Breaks()])(gm)
+
+
+def _dump(stage, pass_name: str, suffix: str):
+    return next(stage.glob(f"[0-9][0-9][0-9]_{pass_name}.{suffix}"))
+
+
+def test_dumps_after_every_pass(tmp_path, conv_bn_net, image_batch):
+    qgraph.prepare_qat(conv_bn_net, (image_batch,), dump_dir=tmp_path)
+    stage = tmp_path / "prepare_qat"
+    names = sorted(p.name for p in stage.glob("*.txt"))
+    assert names[-1] == "index.txt" and names[0] == "000_input.txt"
+    # numbered in pipeline order, one per pass; the passes this test is about in their order
+    assert [int(n[:3]) for n in names[:-1]] == list(range(len(names) - 1))
+    order = [n[4:-4] for n in names[:-1]]
+    core = ["fuse_conv_bn_qat", "annotate", "resolve_specs", "insert_quantizers"]
+    assert [n for n in order if n in core] == core
+    annotated = _dump(stage, "annotate", "txt").read_text()
+    assert "out int8[-128,127] affine PerTensor" in annotated and "<- conv_relu" in annotated
+    diff = _dump(stage, "insert_quantizers", "diff").read_text()
+    assert "+%fq_" in diff
+    index = (stage / "index.txt").read_text()
+    fuse_line = next(line for line in index.splitlines() if "fuse_conv_bn_qat" in line)
+    assert "True" in fuse_line
+    # resolve_specs adds no node: its dump equals the annotate one and its diff is empty;
+    # no stochastic depth in this model, so that pass changed nothing either.
+    assert _dump(stage, "resolve_specs", "diff").read_text() == ""
+    assert _dump(stage, "stochastic_depth", "diff").read_text() == ""
+
+
+def test_env_variable_turns_dumps_on(tmp_path, monkeypatch, conv_bn_net, image_batch):
+    monkeypatch.setenv("QGRAPH_DUMP", str(tmp_path))
+    qgraph.convert(_calibrated(conv_bn_net, image_batch))
+    assert (tmp_path / "prepare_ptq" / "index.txt").exists()
+    assert (tmp_path / "convert" / "004_quantize_weights.txt").exists()
+
+
+def _calibrated(model, x):
+    p = qgraph.prepare_ptq(model, (x,))
+    qgraph.calibrate(p, [x], progress=False)
+    return p
+
+
+def test_annotate_requires_nothing_and_resolve_requires_annotate():
+    assert Annotate.requires == () and ResolveSpecs.requires == (Annotate,)
