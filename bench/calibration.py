@@ -38,8 +38,8 @@ from pipeline import emit, log  # noqa: E402  (shared output helpers)
 from timing import OtherLoad, interleaved_medians  # noqa: E402
 
 import qgraph  # noqa: E402
-from qgraph.observers.histogram import HistogramObserver  # noqa: E402
 from qgraph.models.vision import build_torchvision  # noqa: E402
+from qgraph.observers.histogram import HistogramObserver  # noqa: E402
 from qgraph.recipes.presets import histogram_ptq  # noqa: E402
 
 

@@ -41,11 +41,11 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qgraph  # noqa: E402
+from qgraph.api.capture import batch_dynamic_shapes  # noqa: E402
 from qgraph.backends.executorch import emitter as executorch_emitter  # noqa: E402
 from qgraph.backends.onnx import emitter as onnx_emitter
-from qgraph.api.capture import batch_dynamic_shapes  # noqa: E402
-from qgraph.recipes.dynamic import quantize_dynamic  # noqa: E402
 from qgraph.core.timing import median_ms  # noqa: E402
+from qgraph.recipes.dynamic import quantize_dynamic  # noqa: E402
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:
@@ -145,10 +145,9 @@ def bench(name: str, out: str) -> None:
         }
     )
 
+    import onnx
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
-
-    import onnx
 
     # ONNX Runtime's quantizer re-runs shape inference and trips over the value_info torch.onnx
     # records for dynamic shapes; without it, inference starts from the inputs.

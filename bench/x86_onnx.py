@@ -44,10 +44,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import pipeline  # noqa: E402
 from pipeline import emit, log, redirect_noise_to_stderr  # noqa: E402
 from timing import OtherLoad, interleaved_rounds, loaded, paired_ratio  # noqa: E402
 
-import pipeline  # noqa: E402
 import qgraph  # noqa: E402
 from qgraph.backends.onnx.emitter import write_onnx  # noqa: E402
 from qgraph.models.vision import build_torchvision, settle_batch_norm  # noqa: E402
@@ -81,8 +81,8 @@ def _torchao(model: torch.nn.Module, batches: list[torch.Tensor], x1: torch.Tens
 
 
 def _ort_quantizer(fp32_path: Path, batches: list[torch.Tensor], path: Path) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     name = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
 

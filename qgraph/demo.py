@@ -9,7 +9,6 @@ steps, file sizes, and batch-1 latency.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,8 +19,8 @@ from tabulate import tabulate
 import qgraph
 from qgraph.backends.executorch.emitter import write_pte
 from qgraph.backends.rules.xnnpack import xnnpack_scheme
-from qgraph.models.digits import DigitsCNN, load_digits_split
 from qgraph.core.timing import median_ms
+from qgraph.models.digits import DigitsCNN, load_digits_split
 from qgraph.recipes.training import accuracy, batches, train_epochs, train_qat
 
 

@@ -26,8 +26,8 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from qgraph.backends.rules.base import MAX_POOL_OPS
-from qgraph.core.graph import SHAPE_OPS, copy_graph_module, is_op
+from qgraph.core.graph import copy_graph_module, is_op
+from qgraph.core.opsets import MAX_POOL_OPS, SHAPE_OPS
 from qgraph.ops.qdq import qd
 
 CUT_OPS = frozenset({qd.quantize_per_tensor.default})

@@ -11,8 +11,10 @@ from torch import nn
 
 import qgraph
 from qgraph import CaptureError, ConfigError
-from qgraph.core.graph import BATCH_NORM_OPS, DROPOUT_OPS, is_op
+from qgraph.core.graph import is_op
+from qgraph.core.opsets import BATCH_NORM_OPS
 from qgraph.observers.base import FakeQuantize
+from qgraph.ops.stochastic_depth import EVAL_IDENTITY_OPS
 
 
 def _train_steps(model, batches, lr=0.01):
@@ -64,7 +66,7 @@ def test_prepared_model_trains_on_a_smaller_last_batch_and_serves_batch_1(conv_b
 
 
 def _flags(gm):
-    drop = [n.args for n in gm.graph.nodes if is_op(n, DROPOUT_OPS)]
+    drop = [n.args for n in gm.graph.nodes if is_op(n, EVAL_IDENTITY_OPS)]
     bns = [n.args[5:8] for n in gm.graph.nodes if is_op(n, BATCH_NORM_OPS)]
     return drop, bns
 

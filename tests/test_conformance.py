@@ -32,10 +32,10 @@ import torch
 
 import qgraph
 from qgraph.backends.rules.xnnpack import xnnpack_scheme
-from qgraph.tools.check import check
 from qgraph.models.digits import DigitsCNN, load_digits_split
 from qgraph.models.vision import build_torchvision, settle_batch_norm
 from qgraph.quant.specs import Int32Bias
+from qgraph.tools.check import check
 from tests.passes.lower.test_lower_reference import EveryOp
 
 RUNTIME = {"xnnpack": "pte", "x86": "onnx"}

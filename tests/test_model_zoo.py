@@ -39,10 +39,10 @@ from torch import nn
 
 import qgraph
 from qgraph import QConfig
-from qgraph.tools.coverage import coverage
 from qgraph.demo import output_scale
 from qgraph.models.vision import build_torchvision
 from qgraph.models.vision import settle_batch_norm as settle_on_data
+from qgraph.tools.coverage import coverage
 from tests.layerwise import codes, layer_steps, with_quantized_outputs
 
 RESOLUTION = 64

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import qgraph
+from qgraph.core.graph import is_op
+from qgraph.core.opsets import CONV_OPS, DEQUANTIZE_OPS, HARDTANH_OPS, QUANTIZE_OPS
 from qgraph.demo import output_scale
-from qgraph.core.graph import HARDTANH_OPS, DROPOUT_OPS, CONV_OPS, is_op
 from qgraph.models.vision import build_torchvision
-from qgraph.ops.qdq import DEQUANTIZE_OPS, QUANTIZE_OPS
+from qgraph.ops.stochastic_depth import EVAL_IDENTITY_OPS
 from tests.conftest import count_ops
 
 
@@ -112,7 +113,7 @@ def test_qdq_count_matches_torchao_or_the_difference_is_explained(flow):
     graph = flow.model
     exported = qgraph.capture(graph, (x,))
     fused_clamps = sum(1 for n in exported.graph.nodes if is_op(n, HARDTANH_OPS))
-    dropouts = sum(1 for n in exported.graph.nodes if is_op(n, DROPOUT_OPS))
+    dropouts = sum(1 for n in exported.graph.nodes if is_op(n, EVAL_IDENTITY_OPS))
     explained = fused_clamps + dropouts
     q, dq = "quantized_decomposed.quantize_per_tensor.default", "quantized_decomposed.dequantize_per_tensor.default"
     assert oracle[q] - ours[q] == explained

@@ -24,15 +24,16 @@ import torch
 from torch import nn
 
 import qgraph
+from qgraph.core.graph import is_op
+from qgraph.core.meta import ANNOTATION_KEY
+from qgraph.core.opsets import DEQUANTIZE_OPS, QUANTIZE_OPS
+from qgraph.ops.stochastic_depth import EVAL_IDENTITY_OPS
 from qgraph.tools.coverage import coverage
-from qgraph.core.graph import DROPOUT_OPS, is_op
-from qgraph.ops.qdq import DEQUANTIZE_OPS, QUANTIZE_OPS
-from qgraph.quant.specs import ANNOTATION_KEY
 
 aten = torch.ops.aten
 SEQ, DIM = 16, 64
 FLOAT_OPS = frozenset({aten.layer_norm.default, aten.softmax.int, aten._softmax.default})
-PASS_THROUGH = DROPOUT_OPS | {
+PASS_THROUGH = EVAL_IDENTITY_OPS | {
     aten.view.default,
     aten.reshape.default,
     aten.transpose.int,

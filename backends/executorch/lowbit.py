@@ -34,11 +34,11 @@ import torch
 import torch.fx
 
 from qgraph.core.graph import add_constant, get_constant, is_op, remove_dead_nodes, replace_node
+from qgraph.core.opsets import EMBEDDING_OPS
 from qgraph.core.pass_manager import Pass, PassResult
 from qgraph.ops.qdq import qd
 
 aten = torch.ops.aten
-EMBEDDING_OPS = frozenset({aten.embedding.default})
 
 
 def _register_ops() -> None:

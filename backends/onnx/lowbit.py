@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 import torch.fx
 
-from qgraph.ops.qdq import GROUP_QDQ_OPS, qd
+from qgraph.core.opsets import GROUP_QDQ_OPS
+from qgraph.ops.qdq import qd
 
 OPSET = 21
 """First opset whose ``DequantizeLinear`` takes ``block_size`` and INT4."""

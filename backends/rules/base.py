@@ -9,23 +9,12 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qgraph.core.graph import CONV_OPS, DROPOUT_OPS, HARDTANH_OPS, LINEAR_OPS, RELU_OPS, SHAPE_OPS  # noqa: F401  (re-exported)
+from qgraph.core.opsets import SHAPE_OPS
 from qgraph.quant.rules import has_float_output
 from qgraph.quant.specs import PerTensor, PerToken
 
 aten = torch.ops.aten
 
-ADD_OPS = frozenset({aten.add.Tensor, aten.add_.Tensor})
-MUL_OPS = frozenset({aten.mul.Tensor, aten.mul_.Tensor})
-CAT_OPS = frozenset({aten.cat.default, aten.concat.default})
-ACTIVATION_OPS = RELU_OPS | HARDTANH_OPS
-HARDSWISH_OPS = frozenset({aten.hardswish.default, aten.hardswish_.default})
-MAX_POOL_OPS = frozenset({aten.max_pool2d.default, aten.max_pool1d.default})
-AVERAGING_OPS = frozenset(
-    {aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.avg_pool1d.default, aten.mean.dim, aten.mean.default}
-)
-MATMUL_OPS = frozenset({aten.matmul.default, aten.bmm.default})
-EMBEDDING_OPS = frozenset({aten.embedding.default})
 
 
 def float_tensor_operands(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:

@@ -20,33 +20,36 @@ import torch
 import torch.fx
 
 from qgraph.backends.rules.base import (
-    ACTIVATION_OPS,
-    ADD_OPS,
-    AVERAGING_OPS,
     BINARY,
-    CAT_OPS,
-    CONV_OPS,
-    DROPOUT_OPS,
     DYNAMIC_CONV,
     DYNAMIC_EPS,
     DYNAMIC_LINEAR,
     EMBEDDING,
+    PASS,
+    WEIGHTED,
+    constant_table,
+    constant_weight,
+    dynamic_conv_supported,
+    float_input,
+    float_tensor_operands,
+)
+from qgraph.core.opsets import (
+    ACTIVATION_OPS,
+    ADD_OPS,
+    AVERAGING_OPS,
+    CAT_OPS,
+    CONV_OPS,
     EMBEDDING_OPS,
     HARDSWISH_OPS,
     LINEAR_OPS,
     MAX_POOL_OPS,
     MUL_OPS,
-    PASS,
     SHAPE_OPS,
-    WEIGHTED,
-    constant_table,
-    constant_weight,
-    float_input,
-    float_tensor_operands,
-    dynamic_conv_supported,
 )
+from qgraph.ops.stochastic_depth import EVAL_IDENTITY_OPS
 from qgraph.quant.rules import Backend, OpRule, QuantScheme
 from qgraph.quant.specs import PerChannel, PerTensor, PerToken, QuantSpec
+
 
 def xnnpack_scheme(is_qat: bool = False, weight_bits: int = 8, act_bits: int = 8) -> QuantScheme:
     """The XNNPACK int8 scheme; QAT tracks activations with a moving average (c = 0.01).
@@ -107,7 +110,7 @@ RULES: tuple[OpRule, ...] = (
     OpRule("max_pool", (MAX_POOL_OPS,), PASS, "shared"),
     OpRule("activation", (ACTIVATION_OPS,), PASS, "shared"),
     OpRule("shape", (SHAPE_OPS,), PASS, "shared"),
-    OpRule("dropout", (DROPOUT_OPS,), PASS, "shared"),
+    OpRule("dropout", (EVAL_IDENTITY_OPS,), PASS, "shared"),
     OpRule("embedding", (EMBEDDING_OPS,), EMBEDDING, None, constant_table, needs_weight_only=True),
 )
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qgraph.quant.batch_norm import bn_counter_updates
 from qgraph.core.graph import add_constant, get_constant, remove_dead_nodes
+from qgraph.core.meta import EVAL_FORM_KEY, SIMULATED_BN_KEY
 from qgraph.core.pass_manager import Pass, PassResult
-from qgraph.passes.prepare.fuse_conv_bn_qat import EVAL_FORM_KEY, SIMULATED_BN_KEY
+from qgraph.quant.batch_norm import bn_counter_updates
 
 aten = torch.ops.aten
 

@@ -30,8 +30,8 @@ import torch.fx
 
 from qgraph.core.errors import CalibrationError, describe_node
 from qgraph.core.graph import add_constant, copy_provenance, get_constant
-from qgraph.observers.base import QUANTIZER_TYPES, DerivedQuantizer, DynamicQuantizer, FakeQuantize, Observer
 from qgraph.core.pass_manager import Pass, PassResult
+from qgraph.observers.base import QUANTIZER_TYPES, DerivedQuantizer, DynamicQuantizer, FakeQuantize, Observer
 from qgraph.ops.qdq import dynamic_qdq_ops, dynamic_qparams_call, qd
 from qgraph.quant.specs import PerGroup
 

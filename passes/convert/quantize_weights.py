@@ -12,10 +12,9 @@ import torch
 import torch.fx
 
 from qgraph.core.graph import add_constant, get_constant, is_op, remove_dead_nodes
+from qgraph.core.opsets import QUANTIZE_OPS
 from qgraph.core.pass_manager import Pass, PassResult
-from qgraph.ops.qdq import QUANTIZE_OPS
 from qgraph.passes.convert.freeze_qparams import FreezeQparams
-
 
 
 class QuantizeWeights(Pass):

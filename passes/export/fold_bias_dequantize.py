@@ -19,8 +19,8 @@ import torch
 import torch.fx
 
 from qgraph.core.graph import add_constant, get_constant, is_op, remove_dead_nodes, replace_node
+from qgraph.core.opsets import DEQUANTIZE_OPS
 from qgraph.core.pass_manager import Pass, PassResult
-from qgraph.ops.qdq import DEQUANTIZE_OPS
 
 
 class FoldBiasDequantize(Pass):

@@ -24,16 +24,10 @@ import torch
 import torch.fx
 
 from qgraph.core.graph import add_constant, get_constant, is_op, remove_dead_nodes
+from qgraph.core.opsets import CHOOSE_PER_TENSOR_OPS, PER_TENSOR_DYNAMIC_QDQ_OPS, PER_TENSOR_QDQ_OPS
 from qgraph.core.pass_manager import Pass, PassResult
-from qgraph.ops.qdq import qd
 
 SHIFT = 128
-_CONSTANT_QPARAMS = frozenset({qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default})
-"""``(x, scale, zero_point, qmin, qmax, dtype)`` with a Python zero point."""
-_RANGE_ONLY = frozenset({qd.quantize_per_tensor.tensor, qd.dequantize_per_tensor.tensor})
-"""``(x, scale, zero_point, qmin, qmax, dtype)`` with a tensor zero point from choose_qparams."""
-_CHOOSE = frozenset({qd.choose_qparams.tensor})
-"""``(x, qmin, qmax, eps, dtype)``."""
 
 
 class ShiftUint8ToInt8(Pass):
@@ -45,17 +39,17 @@ class ShiftUint8ToInt8(Pass):
         self._shifted: dict[torch.fx.Node, torch.fx.Node] = {}
         shifted = 0
         for node in gm.graph.nodes:
-            if not is_op(node, _CONSTANT_QPARAMS | _RANGE_ONLY | _CHOOSE) or node.args[-1] != torch.uint8:
+            if not is_op(node, PER_TENSOR_QDQ_OPS | PER_TENSOR_DYNAMIC_QDQ_OPS | CHOOSE_PER_TENSOR_OPS) or node.args[-1] != torch.uint8:
                 continue
             args = list(node.args)
-            if node.target in _CHOOSE:
+            if node.target in CHOOSE_PER_TENSOR_OPS:
                 args[1], args[2] = args[1] - SHIFT, args[2] - SHIFT
             else:
-                if node.target in _CONSTANT_QPARAMS:
+                if node.target in PER_TENSOR_QDQ_OPS:
                     args[2] = int(args[2]) - SHIFT
                 args[3], args[4] = args[3] - SHIFT, args[4] - SHIFT
             args[-1] = torch.int8
-            if node.target in _CONSTANT_QPARAMS and _is_constant(args[0]):
+            if node.target in PER_TENSOR_QDQ_OPS and _is_constant(args[0]):
                 args[0] = self._shifted_constant(gm, args[0])
             node.args = tuple(args)
             val = node.meta.get("val")

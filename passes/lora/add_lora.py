@@ -35,53 +35,26 @@ nothing (``modified=False``).
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
 import torch.fx
-from torch import nn
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 
-from qgraph.quant.config import _matches_path
 from qgraph.core.errors import ConfigError
-from qgraph.core.graph import LINEAR_OPS, copy_provenance, get_constant, is_op, module_path
+from qgraph.core.graph import copy_provenance, free_attr_name, get_constant, is_op, module_path
+from qgraph.core.meta import LORA_BASE_KEY, LORA_KEY, QUANTIZER_KEY, REFUSALS_KEY
+from qgraph.core.opsets import DEQUANTIZE_OPS, LINEAR_OPS
 from qgraph.core.pass_manager import Pass, PassResult
-from qgraph.passes.prepare.annotate import REFUSALS_KEY
-from qgraph.passes.prepare.insert_quantizers import QUANTIZER_KEY, _free_name
-from qgraph.ops.qdq import DEQUANTIZE_OPS
+from qgraph.passes.lora.adapter import LoraAdapter, is_quantizer_call
+from qgraph.quant.config import _matches_path
 
 aten = torch.ops.aten
 
-LORA_KEY = "qgraph_lora"
-"""``gm.meta`` key: ``{module path: adapter submodule name}``. On nodes: the adapter's name."""
-LORA_BASE_KEY = "qgraph_lora_base"
-"""``node.meta`` key on a base linear that has an adapter: the adapter's submodule name."""
 LORA_REASON = ("lora", "LoRA adapter: a float path by design (merge it to quantize it)")
 
 
-class LoraAdapter(nn.Module):
-    """The trainable pair of one adapted linear: ``ΔW = scaling · B @ A``."""
-
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, init: str,
-                 generator: torch.Generator, like: torch.Tensor, target: str) -> None:
-        super().__init__()
-        self.r, self.alpha, self.scaling, self.target = r, alpha, alpha / r, target
-        a = torch.empty(r, in_features, dtype=torch.float32)
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        else:
-            nn.init.normal_(a, std=1.0 / r, generator=generator)
-        self.lora_A = nn.Parameter(a.to(dtype=like.dtype, device=like.device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=like.dtype, device=like.device))
-
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling · B @ A`` (out × in), the update a merge adds to the base weight."""
-        return self.scaling * (self.lora_B @ self.lora_A)
-
-    def extra_repr(self) -> str:
-        return f"{self.target}: r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
 
 
 class AddLora(Pass):
@@ -136,7 +109,7 @@ class AddLora(Pass):
             weight = _weight_value(gm, lin)
             if path not in registry:
                 out_features, in_features = weight.shape
-                name = _free_name(gm, "lora_" + re.sub(r"\W", "_", path))
+                name = free_attr_name(gm, "lora_" + re.sub(r"\W", "_", path))
                 gm.add_submodule(name, LoraAdapter(in_features, out_features, self.r, self.alpha, self.init,
                                                    generator, weight, path))
                 registry[path] = name
@@ -160,7 +133,7 @@ class AddLora(Pass):
 
         if self.fake_quant_merged:
             # linear(x, fq_w(W + s·(B @ A)), b): the weight quantizer (or the linear) reads the sum.
-            reader = lin.args[1] if _is_quantizer(lin.args[1]) else lin
+            reader = lin.args[1] if is_quantizer_call(lin.args[1]) else lin
             weight = reader.args[0] if reader is not lin else lin.args[1]
             with graph.inserting_before(reader):
                 a = _get_attr(graph, f"{name}.lora_A", adapter.lora_A, created)
@@ -239,7 +212,7 @@ def _float_input(lin: torch.fx.Node) -> torch.fx.Node:
 def _weight_value(gm: torch.fx.GraphModule, lin: torch.fx.Node) -> torch.Tensor:
     """The float weight a linear reads, through its weight quantizer if it has one."""
     w = lin.args[1]
-    if _is_quantizer(w):
+    if is_quantizer_call(w):
         w = w.args[0]
     if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
         raise ConfigError(
@@ -269,7 +242,3 @@ def _fake_value(mode, op, args) -> torch.Tensor | None:
     with mode:
         fakes = [mode.from_tensor(v) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) else v for v in vals]
         return op(*fakes)
-
-
-def _is_quantizer(node: object) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_module" and QUANTIZER_KEY in node.meta

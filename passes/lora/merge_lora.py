@@ -26,10 +26,10 @@ import torch.fx
 from torch import nn
 
 from qgraph.core.errors import ConfigError
-from qgraph.core.graph import get_constant, is_op
+from qgraph.core.graph import free_attr_name, get_constant, is_op
+from qgraph.core.meta import LORA_BASE_KEY, LORA_KEY
 from qgraph.core.pass_manager import Pass, PassResult
-from qgraph.passes.lora.add_lora import LORA_BASE_KEY, LORA_KEY, LoraAdapter, _is_quantizer
-from qgraph.passes.prepare.insert_quantizers import _free_name
+from qgraph.passes.lora.adapter import LoraAdapter, is_quantizer_call
 
 aten = torch.ops.aten
 
@@ -66,8 +66,8 @@ class MergeLora(Pass):
         return PassResult(gm, bool(outputs))
 
     def _fold(self, gm: torch.fx.GraphModule, adapter: LoraAdapter, linears: list[torch.fx.Node]) -> None:
-        quantizers = {lin.args[1] for lin in linears if _is_quantizer(lin.args[1])}
-        readers = list(quantizers) + [lin for lin in linears if not _is_quantizer(lin.args[1])]
+        quantizers = {lin.args[1] for lin in linears if is_quantizer_call(lin.args[1])}
+        readers = list(quantizers) + [lin for lin in linears if not is_quantizer_call(lin.args[1])]
         getters = {_weight_arg(r) for r in readers}
         targets = {str(g.target) for g in getters}
         if len(targets) != 1 or any(g.op != "get_attr" for g in getters):
@@ -82,7 +82,7 @@ class MergeLora(Pass):
         weight = get_constant(gm, next(iter(getters)))
         merged = (weight.detach().float() + adapter.delta_weight().detach().float()).to(weight.dtype)
         if _tied(gm, getters, set(readers)):
-            new = _free_name(gm, next(iter(targets)).replace(".", "_") + "_lora_merged")
+            new = free_attr_name(gm, next(iter(targets)).replace(".", "_") + "_lora_merged")
             gm.register_parameter(new, nn.Parameter(merged, requires_grad=weight.requires_grad))
             for reader in readers:
                 old = _weight_arg(reader)
@@ -99,7 +99,7 @@ class MergeLora(Pass):
 
 def _weight_arg(reader: torch.fx.Node) -> torch.fx.Node:
     """The weight node a weight quantizer (its input) or a bare linear (its args[1]) reads."""
-    return reader.args[0] if _is_quantizer(reader) else reader.args[1]
+    return reader.args[0] if is_quantizer_call(reader) else reader.args[1]
 
 
 def _tied(gm: torch.fx.GraphModule, getters: set, readers: set) -> bool:

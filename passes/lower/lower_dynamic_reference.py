@@ -22,13 +22,13 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qgraph.core.graph import CONV_OPS, LINEAR_OPS, add_constant, get_constant, is_op, remove_dead_nodes, replace_node
+from qgraph.core.graph import add_constant, get_constant, is_op, remove_dead_nodes, replace_node
+from qgraph.core.opsets import CONV_OPS, LINEAR_OPS
 from qgraph.core.pass_manager import PassResult
-from qgraph.passes.export.lower_dynamic_to_integer import constant_bias, conv_args, dynamic_input, match_dynamic_layer
-from qgraph.passes.lower.reference_patterns import RuntimeLowering
 from qgraph.ops.qdq import qd
 from qgraph.ops.reference_dynamic import dynamic_conv, dynamic_linear  # noqa: F401  (registers the ops)
-
+from qgraph.passes.export.dynamic_layers import constant_bias, conv_args, dynamic_input, match_dynamic_layer
+from qgraph.passes.lower.reference_patterns import RuntimeLowering
 
 ref = torch.ops.qgraph_ref
 

@@ -39,31 +39,28 @@ lowers them, and :func:`qgraph.lower` runs both passes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.fx
 
 from qgraph.core.graph import copy_provenance, is_op, remove_dead_nodes, single_user
+from qgraph.core.meta import REFERENCE_KEY, LoweredFrom
 from qgraph.core.pass_manager import PassResult
-from qgraph.passes.lower.reference_patterns import ACTIVATIONS, LOWERINGS, Builder, Lowering, Output, RuntimeLowering
-from qgraph.passes.lower.reference_patterns import activation_bounds, quantize_bound
 from qgraph.ops.qdq import qd
+from qgraph.passes.lower.reference_patterns import (
+    ACTIVATIONS,
+    LOWERINGS,
+    Builder,
+    Lowering,
+    Output,
+    RuntimeLowering,
+    activation_bounds,
+    quantize_bound,
+)
 
 ref = torch.ops.qgraph_ref
 
-REFERENCE_KEY = "qgraph_reference"
-"""``node.meta`` key of :class:`LoweredFrom` on every node the pass creates for a pattern."""
 
 
-@dataclass(frozen=True)
-class LoweredFrom:
-    """What an integer node replaced: the quantize node (its name in the converted graph),
-    the pattern (``conv_relu``, ``add``, ``quantize``, ...) and the anchor op's node name."""
-
-    quantize: str
-    pattern: str
-    anchor: str
 
 
 class LowerReference(RuntimeLowering):
@@ -122,4 +119,4 @@ class LowerReference(RuntimeLowering):
         return node, "quantize", quant
 
 
-__all__ = ["LowerReference", "LoweredFrom", "Lowering", "LOWERINGS", "REFERENCE_KEY"]
+__all__ = ["LowerReference", "Lowering", "LOWERINGS"]

@@ -18,8 +18,25 @@ from typing import Callable
 import torch
 import torch.fx
 
-from qgraph.core.graph import CONV_OPS, HARDTANH_OPS, LINEAR_OPS, RELU_OPS, SHAPE_OPS, add_constant, copy_provenance, get_constant
-from qgraph.core.graph import is_op
+from qgraph.core.graph import add_constant, copy_provenance, get_constant, is_op
+from qgraph.core.opsets import (
+    ADAPTIVE_AVG_POOL_OPS,
+    ADD_OPS,
+    AVG_POOL_OPS,
+    CAT_OPS,
+    CONV_OPS,
+    DATA_MOVEMENT_OPS,
+    DEQUANTIZE_OPS,
+    GROUP_QDQ_OPS,
+    HARDSWISH_OPS,
+    HARDTANH_OPS,
+    LINEAR_OPS,
+    MATMUL_OPS,
+    MAX_POOL_OPS,
+    MEAN_OPS,
+    MUL_OPS,
+    RELU_OPS,
+)
 from qgraph.core.pass_manager import Pass
 from qgraph.ops.qdq import qd
 from qgraph.ops.reference import RUNTIMES, f32
@@ -52,8 +69,6 @@ class Output:
 
 
 ACTIVATIONS = RELU_OPS | HARDTANH_OPS
-DATA_MOVEMENT_OPS = SHAPE_OPS | {aten.clone.default}
-"""Lowered as the same op on the integers (``dq → view → q`` with equal qparams)."""
 
 
 def activation_bounds(act: torch.fx.Node) -> tuple[float, float]:
@@ -117,7 +132,7 @@ class Builder:
         float constant with ``scale = s_w · fl(s_x)`` as ExecuTorch's XNNPACK serializer does."""
         if node is None:
             return None
-        if is_op(node, (qd.dequantize_per_channel.default, qd.dequantize_per_tensor.default)):
+        if is_op(node, DEQUANTIZE_OPS - GROUP_QDQ_OPS):
             # the last positional argument of both dequantize ops is the integer dtype
             return node.args[0] if node.args[-1] == torch.int32 else "bias is dequantized from a non-int32 tensor"
         if not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
@@ -294,15 +309,15 @@ class Lowering:
 LOWERINGS: tuple[Lowering, ...] = (
     Lowering("conv", CONV_OPS, _build_conv),
     Lowering("linear", LINEAR_OPS, _build_linear),
-    Lowering("matmul", frozenset({aten.matmul.default, aten.bmm.default}), _binary(ref.matmul.default)),
-    Lowering("add", frozenset({aten.add.Tensor, aten.add_.Tensor}), _binary(ref.add.default)),
-    Lowering("mul", frozenset({aten.mul.Tensor, aten.mul_.Tensor}), _binary(ref.mul.default)),
-    Lowering("cat", frozenset({aten.cat.default, aten.concat.default}), _build_cat, False),
-    Lowering("hardswish", frozenset({aten.hardswish.default, aten.hardswish_.default}), _unary(lambda a: (), ref.hardswish.default), False),
-    Lowering("max_pool", frozenset({aten.max_pool2d.default, aten.max_pool1d.default}), _build_max_pool, False),
-    Lowering("avg_pool", frozenset({aten.avg_pool2d.default, aten.avg_pool1d.default}), _unary(_avg_pool_args, ref.avg_pool.default), False),
-    Lowering("adaptive_avg_pool2d", frozenset({aten.adaptive_avg_pool2d.default}), _unary(lambda a: (list(a.args[1]),), ref.adaptive_avg_pool2d.default), False),
-    Lowering("mean", frozenset({aten.mean.dim, aten.mean.default}), _unary(_mean_args, ref.mean.default), False),
+    Lowering("matmul", MATMUL_OPS, _binary(ref.matmul.default)),
+    Lowering("add", ADD_OPS, _binary(ref.add.default)),
+    Lowering("mul", MUL_OPS, _binary(ref.mul.default)),
+    Lowering("cat", CAT_OPS, _build_cat, False),
+    Lowering("hardswish", HARDSWISH_OPS, _unary(lambda a: (), ref.hardswish.default), False),
+    Lowering("max_pool", MAX_POOL_OPS, _build_max_pool, False),
+    Lowering("avg_pool", AVG_POOL_OPS, _unary(_avg_pool_args, ref.avg_pool.default), False),
+    Lowering("adaptive_avg_pool2d", ADAPTIVE_AVG_POOL_OPS, _unary(lambda a: (list(a.args[1]),), ref.adaptive_avg_pool2d.default), False),
+    Lowering("mean", MEAN_OPS, _unary(_mean_args, ref.mean.default), False),
     Lowering("shape", DATA_MOVEMENT_OPS, _build_shape, False),
     Lowering("activation", ACTIVATIONS, _build_activation, False),
 )

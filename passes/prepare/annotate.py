@@ -30,28 +30,18 @@ import warnings
 import torch
 import torch.fx
 
-from qgraph.quant.batch_norm import FOLDED_INTO_KEY
-from qgraph.quant.config import QConfig
 from qgraph.core.errors import UnsupportedOperatorError, describe_node
-from qgraph.core.graph import CONV_OPS, LINEAR_OPS, is_op, single_user
+from qgraph.core.graph import is_op, single_user
+from qgraph.core.meta import ANNOTATION_KEY, FOLDED_INTO_KEY, REFUSALS_KEY
+from qgraph.core.opsets import CONV_OPS, LINEAR_OPS
 from qgraph.core.pass_manager import Pass, PassResult
+from qgraph.quant.config import QConfig
 from qgraph.quant.rules import Backend, OpRule, QuantScheme, has_float_output
-from qgraph.quant.specs import (
-    ANNOTATION_KEY,
-    AnySpec,
-    DerivedSpec,
-    Int32Bias,
-    PerGroup,
-    QuantAnnotation,
-    QuantSpec,
-    SharedSpec,
-)
+from qgraph.quant.specs import AnySpec, DerivedSpec, Int32Bias, PerGroup, QuantAnnotation, QuantSpec, SharedSpec
 
 log = logging.getLogger("qgraph.annotate")
 
 MUST_QUANTIZE_OPS = CONV_OPS | LINEAR_OPS
-REFUSALS_KEY = "qgraph_refusals"
-"""``node.meta`` key on a conv / linear left in float: ``[(rule, reason), ...]``."""
 
 
 class Annotate(Pass):

@@ -22,11 +22,11 @@ import torch
 import torch.fx
 
 from qgraph.core.graph import copy_provenance, is_op
+from qgraph.core.opsets import SPLIT_OPS
 from qgraph.core.pass_manager import Pass, PassResult
 
 aten = torch.ops.aten
 
-SPLIT_OPS = frozenset({aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default})
 
 
 def piece_sizes(node: torch.fx.Node) -> tuple[int, list[int]] | None:

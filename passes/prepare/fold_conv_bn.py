@@ -13,30 +13,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qgraph.quant.batch_norm import bn_counter_updates, bn_params, fold_conv_bn_weights
-from qgraph.core.graph import BATCH_NORM_OPS, CONV_OPS, add_constant, get_constant, is_op, single_user
+from qgraph.core.graph import add_constant, get_constant
 from qgraph.core.pass_manager import Pass, PassResult
-
-
-def conv_bn_pairs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
-    """``(conv, bn)`` pairs where the BN is the conv's only user and both have constant params."""
-    pairs = []
-    for conv in gm.graph.nodes:
-        if not is_op(conv, CONV_OPS):
-            continue
-        bn = single_user(conv)
-        if bn is None or not is_op(bn, BATCH_NORM_OPS) or bn.args[0] is not conv:
-            continue
-        weight = conv.args[1]
-        bias = conv.args[2] if len(conv.args) > 2 else None
-        if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
-            continue
-        if bias is not None and not (isinstance(bias, torch.fx.Node) and bias.op == "get_attr"):
-            continue
-        if bn_params(gm, bn) is None:
-            continue
-        pairs.append((conv, bn))
-    return pairs
+from qgraph.quant.batch_norm import bn_counter_updates, bn_params, conv_bn_pairs, fold_conv_bn_weights
 
 
 class FoldConvBn(Pass):

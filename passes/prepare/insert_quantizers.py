@@ -26,14 +26,12 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qgraph.core.graph import copy_provenance
-from qgraph.observers.base import DerivedQuantizer, DynamicQuantizer
+from qgraph.core.graph import copy_provenance, free_attr_name
+from qgraph.core.meta import DERIVED_KEY, GROUPS_KEY, QUANTIZER_KEY
 from qgraph.core.pass_manager import Pass, PassResult
+from qgraph.observers.base import DerivedQuantizer, DynamicQuantizer
 from qgraph.observers.factory import make_quantizer
-from qgraph.passes.prepare.resolve_specs import DERIVED_KEY, GROUPS_KEY, ResolveSpecs
-
-QUANTIZER_KEY = "qgraph_quantizer"
-"""``node.meta`` key on inserted call_module nodes: the point they quantize."""
+from qgraph.passes.prepare.resolve_specs import ResolveSpecs
 
 
 class InsertQuantizers(Pass):
@@ -54,10 +52,10 @@ class InsertQuantizers(Pass):
         outputs: list[tuple[str, str]] = []
         for group in groups:
             if group.spec.dynamic:
-                module_name = _free_name(gm, f"dyn_{group.name}")
+                module_name = free_attr_name(gm, f"dyn_{group.name}")
                 gm.add_submodule(module_name, DynamicQuantizer(group.spec, fake_quant=self.is_qat, point=group.name))
             else:
-                module_name = _free_name(gm, f"{prefix}_{group.name}")
+                module_name = free_attr_name(gm, f"{prefix}_{group.name}")
                 example = _value_at(nodes, group)
                 gm.add_submodule(module_name, make_quantizer(group.spec, self.is_qat, group.name, example))
             module_of.update({p: gm.get_submodule(module_name) for p in group.members})
@@ -77,7 +75,7 @@ class InsertQuantizers(Pass):
             n.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
             inserted += 1
         for (producer, consumer), spec in gm.meta.get(DERIVED_KEY, []):
-            module_name = _free_name(gm, f"{prefix}_{producer}__{consumer}")
+            module_name = free_attr_name(gm, f"{prefix}_{producer}__{consumer}")
             sources = [module_of[p] for p in spec.points]
             gm.add_submodule(module_name, DerivedQuantizer(spec, sources, self.is_qat, point=f"{producer}->{consumer}"))
             p, c = nodes[producer], nodes[consumer]
@@ -100,10 +98,3 @@ def _value_at(nodes: dict, group) -> object:
     name = group.outputs[0] if group.outputs else group.edges[0][0]
     return nodes[name].meta.get("val")
 
-
-def _free_name(gm: torch.fx.GraphModule, base: str) -> str:
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qgraph.core.graph import DROPOUT_OPS, is_op
+from qgraph.core.graph import is_op
 from qgraph.core.pass_manager import Pass, PassResult
+from qgraph.ops.stochastic_depth import EVAL_IDENTITY_OPS
 
 
 class RemoveDropout(Pass):
@@ -19,7 +20,7 @@ class RemoveDropout(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         removed = 0
         for node in list(gm.graph.nodes):
-            if is_op(node, DROPOUT_OPS):
+            if is_op(node, EVAL_IDENTITY_OPS):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
                 removed += 1

@@ -23,13 +23,10 @@ from dataclasses import dataclass, field
 import torch.fx
 
 from qgraph.core.errors import ConfigError
+from qgraph.core.meta import ANNOTATION_KEY, DERIVED_KEY, GROUPS_KEY
 from qgraph.core.pass_manager import Pass, PassResult
 from qgraph.passes.prepare.annotate import Annotate
-from qgraph.quant.specs import ANNOTATION_KEY, DerivedSpec, Point, QuantSpec, SharedSpec
-
-GROUPS_KEY = "qgraph_groups"
-DERIVED_KEY = "qgraph_derived"
-"""``gm.meta`` key: list of ``(edge, DerivedSpec)`` whose qparams come from other groups."""
+from qgraph.quant.specs import DerivedSpec, Point, QuantSpec, SharedSpec
 
 
 @dataclass

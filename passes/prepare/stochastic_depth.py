@@ -23,15 +23,12 @@ import torch
 import torch.fx
 
 from qgraph.core.graph import copy_provenance, is_op, single_user
+from qgraph.core.opsets import BERNOULLI_OPS, DIV_OPS, EMPTY_OPS, MUL_OPS
 from qgraph.core.pass_manager import Pass, PassResult
 from qgraph.ops.stochastic_depth import STOCHASTIC_DEPTH
 
 aten = torch.ops.aten
 
-EMPTY_OPS = frozenset({aten.empty.memory_format})
-BERNOULLI_OPS = frozenset({aten.bernoulli_.float, aten.bernoulli.p})
-DIV_OPS = frozenset({aten.div_.Tensor, aten.div_.Scalar, aten.div.Tensor, aten.div.Scalar})
-MUL_OPS = frozenset({aten.mul.Tensor})
 
 
 def _mask(node: object) -> tuple[list[torch.fx.Node], float, list] | None:

@@ -11,13 +11,18 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from qgraph.backends.executorch import emitter as executorch_emitter
-from qgraph.backends.onnx import emitter as onnx_emitter
-from qgraph.backends.executorch.emitter import PteReport
 from qgraph.api.capture import as_args, batch_dynamic_shapes
+from qgraph.backends.executorch import emitter as executorch_emitter
+from qgraph.backends.executorch.emitter import PteReport
+from qgraph.backends.executorch.lowbit import UseEmbeddingKernels, group_weight_blocker
+from qgraph.backends.onnx import emitter as onnx_emitter
 from qgraph.core.errors import ConfigError
 from qgraph.core.graph import copy_graph_module
 from qgraph.core.pass_manager import PassManager
+from qgraph.passes.export.fold_bias_dequantize import FoldBiasDequantize
+from qgraph.passes.export.lower_dynamic_to_integer import LowerDynamicToInteger
+from qgraph.passes.export.shift_uint8_to_int8 import ShiftUint8ToInt8
+from qgraph.passes.lora.add_lora import pte_blocker
 
 
 def _check_converted(model: torch.nn.Module) -> None:
@@ -37,11 +42,9 @@ def export_pte(quantized: torch.nn.Module, example_inputs: Any, path: str | os.P
     """
     _check_converted(quantized)
     if isinstance(quantized, torch.fx.GraphModule):
-        from qgraph.passes.lora.add_lora import pte_blocker
 
         if (why := pte_blocker(quantized)) is not None:
             raise ConfigError(f"export_pte: {why}")
-        from qgraph.backends.executorch.lowbit import group_weight_blocker
 
         if (why := group_weight_blocker(quantized)) is not None:
             raise ConfigError(f"export_pte: {why}")
@@ -60,9 +63,6 @@ def lower_for_xnnpack(quantized: torch.fx.GraphModule) -> torch.fx.GraphModule:
     tables become ExecuTorch's ``embedding_byte`` / ``embedding_4bit`` kernels (same values).
     A model quantized for XNNPACK passes through unchanged.
     """
-    from qgraph.passes.export.fold_bias_dequantize import FoldBiasDequantize
-    from qgraph.backends.executorch.lowbit import UseEmbeddingKernels
-    from qgraph.passes.export.shift_uint8_to_int8 import ShiftUint8ToInt8
 
     passes = [ShiftUint8ToInt8(), FoldBiasDequantize(), UseEmbeddingKernels()]
     return PassManager(passes, stage="export_pte")(copy_graph_module(quantized))
@@ -88,7 +88,6 @@ def lower_for_onnx(quantized: torch.fx.GraphModule) -> torch.fx.GraphModule:
     The ONNX emitter writes them as ``DynamicQuantizeLinear → MatMulInteger / ConvInteger``;
     a model without dynamic layers passes through unchanged.
     """
-    from qgraph.passes.export.lower_dynamic_to_integer import LowerDynamicToInteger
 
     return PassManager([LowerDynamicToInteger()], stage="export_onnx")(copy_graph_module(quantized))
 

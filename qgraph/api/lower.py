@@ -16,9 +16,10 @@ import os
 
 import torch.fx
 
+from qgraph.api.modes import bind_mode_methods, eval_mode
 from qgraph.core.errors import ConfigError
 from qgraph.core.graph import copy_graph_module
-from qgraph.api.modes import bind_mode_methods, eval_mode
+from qgraph.core.meta import LOWERED_KEY
 from qgraph.core.pass_manager import PassManager
 from qgraph.passes.lower.lower_dynamic_reference import LowerDynamicReference
 from qgraph.passes.lower.lower_reference import LowerReference
@@ -26,7 +27,6 @@ from qgraph.passes.lower.lower_reference import LowerReference
 TARGETS = {"xnnpack": "xnnpack", "x86": "onnxruntime", "onnxruntime": "onnxruntime"}
 """Target name → whose integer arithmetic the reference ops reproduce."""
 
-LOWERED_KEY = "qgraph_lowered"
 
 
 def default_target(quantized: torch.fx.GraphModule) -> str:

@@ -20,17 +20,16 @@ import torch
 import torch.fx
 from torch import nn
 
-from qgraph.quant.batch_norm import BN_FROZEN_KEY
-from qgraph.core.graph import BATCH_NORM_OPS, DROPOUT_OPS, is_op
+from qgraph.core.graph import is_op
+from qgraph.core.meta import BN_FROZEN_KEY, TRAIN_DROPOUT_KEY
+from qgraph.core.opsets import ATTENTION_OPS, BATCH_NORM_OPS
 from qgraph.observers.base import QUANTIZER_TYPES
-from qgraph.passes.prepare.fuse_conv_bn_qat import set_simulated_bn_form
+from qgraph.ops.stochastic_depth import EVAL_IDENTITY_OPS
+from qgraph.passes.prepare.simulated_bn import set_simulated_bn_form
 
 _BN_TRAINING_ARG = 5
 _DROPOUT_TRAIN_ARG = 2
-_SDPA_OPS = frozenset({torch.ops.aten.scaled_dot_product_attention.default})
 _SDPA_DROPOUT_ARG = 4
-TRAIN_DROPOUT_KEY = "qgraph_train_dropout_p"
-"""``node.meta`` key on an attention op: the ``dropout_p`` it was captured with in training."""
 
 
 def _set_arg(node: torch.fx.Node, index: int, value: bool) -> bool:
@@ -64,11 +63,11 @@ def _set_mode(m: torch.fx.GraphModule, training: bool) -> torch.fx.GraphModule:
     bn_training = training and not m.meta.get(BN_FROZEN_KEY, False)
     changed = set_simulated_bn_form(m, training, bn_training)
     for node in m.graph.nodes:
-        if is_op(node, DROPOUT_OPS):
+        if is_op(node, EVAL_IDENTITY_OPS):
             changed |= _set_arg(node, _DROPOUT_TRAIN_ARG, training)
         elif is_op(node, BATCH_NORM_OPS):
             changed |= _set_arg(node, _BN_TRAINING_ARG, bn_training)
-        elif is_op(node, _SDPA_OPS):
+        elif is_op(node, ATTENTION_OPS):
             changed |= _set_attention_dropout(node, training)
     if changed:
         m.graph.lint()

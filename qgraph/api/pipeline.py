@@ -15,28 +15,25 @@ import torch.fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from qgraph.backends import get_backend
 from qgraph.api.capture import as_args, capture
-from qgraph.quant.config import QConfig
-from qgraph.core.errors import ConfigError
-from qgraph.core.graph import copy_graph_module
 from qgraph.api.modes import bind_mode_methods, eval_mode, train_mode
+from qgraph.backends import get_backend
+from qgraph.core.errors import CalibrationError, ConfigError
+from qgraph.core.graph import copy_graph_module
+from qgraph.core.meta import CONVERTED_KEY, LORA_KEY, PREPARED_KEY
 from qgraph.core.pass_manager import PassManager
-from qgraph.passes.lora.add_lora import LORA_KEY
+from qgraph.passes.convert.fold_bn import FoldBn
+from qgraph.passes.convert.freeze_qparams import FreezeQparams
+from qgraph.passes.convert.quantize_weights import QuantizeWeights
 from qgraph.passes.prepare.annotate import Annotate
 from qgraph.passes.prepare.chunk_to_slices import ChunkToSlices
-from qgraph.passes.convert.fold_bn import FoldBn
 from qgraph.passes.prepare.fold_conv_bn import FoldConvBn
-from qgraph.passes.convert.freeze_qparams import FreezeQparams
 from qgraph.passes.prepare.fuse_conv_bn_qat import FuseConvBnQat
 from qgraph.passes.prepare.insert_quantizers import InsertQuantizers
-from qgraph.passes.convert.quantize_weights import QuantizeWeights
 from qgraph.passes.prepare.remove_dropout import RemoveDropout
 from qgraph.passes.prepare.resolve_specs import ResolveSpecs
 from qgraph.passes.prepare.stochastic_depth import StochasticDepth
-
-PREPARED_KEY = "qgraph_prepared"
-CONVERTED_KEY = "qgraph_converted"
+from qgraph.quant.config import QConfig
 
 
 def _graph_of(model: nn.Module, example_inputs: Any) -> tuple[torch.fx.GraphModule, bool]:
@@ -132,7 +129,6 @@ def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[Any], progress: 
             prepared(*as_args(batch))
             seen += 1
     if seen == 0:
-        from qgraph.core.errors import CalibrationError
 
         raise CalibrationError("calibrate() got no batches; pass an iterable of example inputs")
     return prepared

@@ -23,7 +23,8 @@ import torch.fx
 
 from qgraph.core.files import atomic_write_text
 from qgraph.core.graph import module_path
-from qgraph.quant.specs import ANNOTATION_KEY, QuantSpec, SharedSpec
+from qgraph.core.meta import ANNOTATION_KEY
+from qgraph.quant.specs import QuantSpec, SharedSpec
 
 if TYPE_CHECKING:
     from qgraph.core.pass_manager import PassRecord

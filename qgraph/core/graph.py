@@ -13,34 +13,8 @@ import torch
 import torch.fx
 from torch.fx.traceback import NodeSource, NodeSourceAction
 
-from qgraph.ops.stochastic_depth import STOCHASTIC_DEPTH
-
 aten = torch.ops.aten
 
-CONV_OPS = frozenset({aten.conv1d.default, aten.conv2d.default})
-LINEAR_OPS = frozenset({aten.linear.default})
-BATCH_NORM_OPS = frozenset({aten.batch_norm.default})
-RELU_OPS = frozenset({aten.relu.default, aten.relu_.default})
-HARDTANH_OPS = frozenset({aten.hardtanh.default, aten.hardtanh_.default})
-DROPOUT_OPS = frozenset({aten.dropout.default, aten.dropout_.default, STOCHASTIC_DEPTH})
-"""Ops that are the identity in eval mode and take ``(x, p, train, ...)``: mode switches flip
-``train``, convert removes them. Stochastic depth is a dropout of whole residual branches."""
-SHAPE_OPS = frozenset(
-    {
-        aten.flatten.using_ints,
-        aten.reshape.default,
-        aten.view.default,
-        aten.permute.default,
-        aten.transpose.int,
-        aten.squeeze.dim,
-        aten.squeeze.dims,
-        aten.unsqueeze.default,
-        aten.contiguous.default,  # channel shuffle: view → transpose → contiguous → view
-        aten.slice.Tensor,  # channel split (chunk / split, see passes/chunk_to_slices.py)
-    }
-)
-"""Ops that move elements without arithmetic: on integers they give the same codes as on
-the values they stand for, so they share their input's qparams."""
 
 PROVENANCE_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn")
 
@@ -87,6 +61,15 @@ def add_constant(
     if like is not None:
         copy_provenance(node, like, "add_constant")
     return node
+
+
+def free_attr_name(gm: torch.fx.GraphModule, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first name ``gm`` has no attribute of."""
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
 
 
 def copy_provenance(new: torch.fx.Node, source: torch.fx.Node, pass_name: str, action: str = "create") -> None:

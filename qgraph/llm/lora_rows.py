@@ -24,10 +24,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 import qgraph
-from qgraph.llm.table import LORA_ROWS, Row
+from qgraph.llm.rows import LORA_ROWS, Row
 from qgraph.llm.train import TrainConfig, perplexity, train
 from qgraph.recipes.lora import add_lora, lora_parameters, merge_lora
 

@@ -41,10 +41,12 @@ from tabulate import tabulate
 
 import qgraph
 from qgraph.core.files import atomic_write_text
+from qgraph.llm.lora_rows import qat_lora_rows
+from qgraph.llm.rows import LORA_ROWS, Row
 from qgraph.llm.train import CHECKPOINT, TrainConfig, heldout_windows, load_or_train, perplexity, train
-from qgraph.recipes.lowbit import llm_config
 from qgraph.models import pydata
 from qgraph.models.llama import greedy_decode
+from qgraph.recipes.lowbit import llm_config
 
 README = Path("README.md")
 BEGIN, END = "<!-- llm-table:begin -->", "<!-- llm-table:end -->"
@@ -53,7 +55,6 @@ DECODE_TOKENS = 64
 EMBEDDING_BITS = 4
 """The embedding table is int4 weight-only in the same groups, as ExecuTorch's Llama export
 does with ``-qmode 8da4w -E 4,<group>`` (in the ``.pte``: the ``embedding_4bit`` kernel)."""
-LORA_ROWS = ("QAT + LoRA 8da4w, merged", "QAT + LoRA 8da4w, unmerged")
 
 
 def finetune_config(steps: int = 200) -> TrainConfig:
@@ -66,13 +67,6 @@ def finetune_config(steps: int = 200) -> TrainConfig:
     steps, 66-68% at 3e-4, 80% at 2e-4).
     """
     return TrainConfig(steps=steps, batch_size=16, lr=2e-4, warmup=10, min_lr_ratio=0.1, seed=1)
-
-
-@dataclass
-class Row:
-    name: str
-    ppl: float | None
-    note: str = ""
 
 
 @dataclass
@@ -249,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", default=str(README), help="README to update ('' to skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from qgraph.llm.lora_rows import qat_lora_rows  # imports this module: import it late
 
     table = run_table(args.out, args.group_size, args.finetune_steps, extra_rows=(qat_lora_rows,))
     print(table.markdown())

@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qgraph.core.errors import CalibrationError, ConfigError
 from qgraph.ops.qdq import dynamic_fake_quantize
 from qgraph.quant.qparams import fake_quantize, qparams_from_range
-from qgraph.core.errors import ConfigError
 from qgraph.quant.specs import DerivedSpec, PerGroup, QuantSpec
 
 
@@ -120,7 +120,6 @@ class Observer(_RangeTracker):
 
 def non_finite_error(point: str) -> Exception:
     """The error every PTQ observer raises when NaN or inf reaches it."""
-    from qgraph.core.errors import CalibrationError
 
     return CalibrationError(
         f"NaN or inf reached the observer of {point or 'a node'} during calibration; "

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from qgraph.core.errors import ConfigError
+from qgraph.observers.base import FakeQuantize, Observer
 from qgraph.observers.histogram import HistogramObserver
 from qgraph.observers.learnable import LearnableFakeQuantize
-from qgraph.observers.base import FakeQuantize, Observer
 from qgraph.quant.specs import PerGroup, QuantSpec
 
 

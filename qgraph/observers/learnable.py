@@ -49,8 +49,8 @@ import math
 import torch
 from torch import nn
 
-from qgraph.observers.histogram import select_range, value_histogram
 from qgraph.observers.base import FakeQuantize
+from qgraph.observers.histogram import select_range, value_histogram
 from qgraph.quant.qparams import fake_quantize, qparams_from_range
 from qgraph.quant.specs import PerGroup, QuantSpec
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from qgraph.core.opsets import DROPOUT_OPS
+
 _LIB = torch.library.Library("qgraph", "FRAGMENT")
 _LIB.define("stochastic_depth(Tensor x, float p, bool train, bool row) -> Tensor")
 
@@ -40,3 +42,7 @@ def _stochastic_depth(x: torch.Tensor, p: float, train: bool, row: bool) -> torc
 _LIB.impl("stochastic_depth", _stochastic_depth, "CompositeImplicitAutograd")
 
 STOCHASTIC_DEPTH = torch.ops.qgraph.stochastic_depth.default
+
+EVAL_IDENTITY_OPS = DROPOUT_OPS | {STOCHASTIC_DEPTH}
+"""Ops that are the identity in eval mode and take ``(x, p, train, ...)``: mode switches flip
+``train``, ``convert`` removes them. Stochastic depth is a dropout of whole residual branches."""

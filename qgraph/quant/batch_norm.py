@@ -16,13 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from qgraph.core.graph import get_constant
-
-FOLDED_INTO_KEY = "qgraph_folded_into"
-"""``node.meta`` key: the name of the conv this node was folded into (QAT simulated folding)."""
-
-BN_FROZEN_KEY = "qgraph_bn_frozen"
-"""``GraphModule.meta`` key: ``freeze_bn_stats`` froze every batch norm's statistics."""
+from qgraph.core.graph import get_constant, is_op, single_user
+from qgraph.core.opsets import BATCH_NORM_OPS, CONV_OPS
 
 
 @dataclass
@@ -70,3 +65,23 @@ def bn_counter_updates(gm: torch.fx.GraphModule, gamma: object) -> list[torch.fx
         if node.op == "get_attr" and node.target == target:
             found.extend(u for u in node.users if u.op == "call_function")
     return found
+
+def conv_bn_pairs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """``(conv, bn)`` pairs where the BN is the conv's only user and both have constant params."""
+    pairs = []
+    for conv in gm.graph.nodes:
+        if not is_op(conv, CONV_OPS):
+            continue
+        bn = single_user(conv)
+        if bn is None or not is_op(bn, BATCH_NORM_OPS) or bn.args[0] is not conv:
+            continue
+        weight = conv.args[1]
+        bias = conv.args[2] if len(conv.args) > 2 else None
+        if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+            continue
+        if bias is not None and not (isinstance(bias, torch.fx.Node) and bias.op == "get_attr"):
+            continue
+        if bn_params(gm, bn) is None:
+            continue
+        pairs.append((conv, bn))
+    return pairs

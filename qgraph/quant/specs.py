@@ -289,5 +289,3 @@ class QuantAnnotation:
     output: AnySpec | None = None
 
 
-ANNOTATION_KEY = "qgraph_annotation"
-"""``node.meta`` key of :class:`QuantAnnotation`."""

@@ -29,8 +29,8 @@ from torch import nn
 
 from qgraph.api.pipeline import convert, prepare_ptq
 from qgraph.backends import get_backend
-from qgraph.quant.config import QConfig
 from qgraph.core.errors import ConfigError
+from qgraph.quant.config import QConfig
 from qgraph.quant.rules import QuantScheme
 
 

@@ -32,12 +32,14 @@ import torch
 import torch.fx
 from torch import nn
 
+from qgraph.api.modes import bind_mode_methods, eval_mode, train_mode
 from qgraph.core.errors import ConfigError
 from qgraph.core.graph import copy_graph_module
-from qgraph.observers.learnable import LearnableFakeQuantize
-from qgraph.api.modes import bind_mode_methods, eval_mode, train_mode
+from qgraph.core.meta import LORA_KEY
 from qgraph.core.pass_manager import PassManager
-from qgraph.passes.lora.add_lora import LORA_KEY, AddLora, LoraAdapter
+from qgraph.observers.learnable import LearnableFakeQuantize
+from qgraph.passes.lora.adapter import LoraAdapter
+from qgraph.passes.lora.add_lora import AddLora
 from qgraph.passes.lora.merge_lora import MergeLora
 
 

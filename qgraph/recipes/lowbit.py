@@ -46,11 +46,11 @@ from __future__ import annotations
 
 import torch
 
-from qgraph.quant.config import QConfig
-from qgraph.recipes.dynamic import dynamic_scheme
 from qgraph.core.errors import ConfigError
+from qgraph.quant.config import QConfig
 from qgraph.quant.rules import QuantScheme
 from qgraph.quant.specs import PerChannel, PerGroup, QuantSpec
+from qgraph.recipes.dynamic import dynamic_scheme
 
 aten = torch.ops.aten
 

@@ -52,12 +52,13 @@ import torch.utils._pytree as pytree
 from tabulate import tabulate
 
 from qgraph.api.capture import as_args
-from qgraph.core.errors import ConfigError
-from qgraph.core.graph import copy_graph_module, is_op, module_path
+from qgraph.api.export import export_onnx, export_pte, load_onnx, load_pte
 from qgraph.api.lower import TARGETS, default_target, lower
 from qgraph.api.modes import eval_mode
+from qgraph.core.errors import ConfigError
+from qgraph.core.graph import copy_graph_module, is_op, module_path
+from qgraph.core.meta import REFERENCE_KEY
 from qgraph.observers.base import DerivedQuantizer, FakeQuantize, Observer
-from qgraph.passes.lower.lower_reference import REFERENCE_KEY
 from qgraph.ops.qdq import qd
 from qgraph.quant.qparams import fake_quantize
 
@@ -326,7 +327,6 @@ def _run_fake_quant(prepared: torch.fx.GraphModule, quantized: torch.fx.GraphMod
 
 def _run_runtime(form: str, quantized, args, places, workdir: str) -> tuple[_FormValues, dict[str, torch.Tensor]]:
     """Export with every quantized tensor as an extra output, run, and split the results."""
-    from qgraph.api.export import export_onnx, export_pte, load_onnx, load_pte
 
     names = [p.name for p in places]
     exposed, n_out = _with_quantized_outputs(quantized, names)

@@ -65,14 +65,13 @@ from tabulate import tabulate
 from torch import nn
 
 from qgraph.api.capture import as_args, capture
+from qgraph.api.modes import eval_mode
 from qgraph.core.errors import ConfigError
 from qgraph.core.files import atomic_path
-from qgraph.core.graph import BATCH_NORM_OPS, copy_graph_module, get_constant, is_op, module_path, single_user
-from qgraph.api.modes import eval_mode
-from qgraph.observers.base import QUANTIZER_TYPES
-from qgraph.passes.prepare.insert_quantizers import QUANTIZER_KEY
-from qgraph.ops.qdq import DEQUANTIZE_OPS, QUANTIZE_OPS, qd
-from qgraph.quant.specs import ANNOTATION_KEY
+from qgraph.core.graph import copy_graph_module, get_constant, is_op, module_path, single_user
+from qgraph.core.meta import ANNOTATION_KEY, QUANTIZER_KEY
+from qgraph.core.opsets import BATCH_NORM_OPS, CHOOSE_QPARAMS_OPS, DEQUANTIZE_OPS, PER_CHANNEL_QDQ_OPS, QUANTIZE_OPS
+from qgraph.observers.base import QUANTIZER_TYPES, DynamicQuantizer
 
 __all__ = ["LayerError", "LayerErrorReport", "compare", "plot_layer_histograms", "sqnr_db"]
 
@@ -237,7 +236,7 @@ def _module_grid(mod: nn.Module) -> _Grid:
 def _op_grid(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Grid:
     """qparams of a ``quantize_per_*`` / ``dequantize_per_*`` node from its arguments."""
     args = [get_constant(gm, a) if isinstance(a, torch.fx.Node) else a for a in node.args[1:]]
-    if node.target in (qd.quantize_per_channel.default, qd.dequantize_per_channel.default):
+    if node.target in PER_CHANNEL_QDQ_OPS:
         scale, zero_point, axis, qmin, qmax = args[:5]
     else:
         (scale, zero_point, qmin, qmax), axis = args[:4], None
@@ -435,8 +434,6 @@ def _split_first(batches: Iterable[Any]) -> tuple[tuple, Iterable[Any]]:
 
 def _refuse_dynamic(gm: torch.fx.GraphModule) -> None:
     """Dynamic activations have a new grid every batch; the SQNR tables assume a fixed one."""
-    from qgraph.observers.base import DynamicQuantizer
-    from qgraph.ops.qdq import CHOOSE_QPARAMS_OPS
 
     for node in gm.graph.nodes:
         dynamic = is_op(node, CHOOSE_QPARAMS_OPS) or (

@@ -20,14 +20,13 @@ import torch
 import torch.fx
 from tabulate import tabulate
 
-from qgraph.core.graph import CONV_OPS, LINEAR_OPS, module_path
+from qgraph.core.graph import module_path
+from qgraph.core.meta import REFUSALS_KEY
+from qgraph.core.opsets import CONV_OPS, DEQUANTIZE_OPS, DYNAMIC_DEQUANTIZE_OPS, LINEAR_OPS, MATMUL_OPS, MM_OPS
 from qgraph.observers.base import QUANTIZER_TYPES
-from qgraph.passes.prepare.annotate import REFUSALS_KEY
-from qgraph.ops.qdq import DEQUANTIZE_OPS, DYNAMIC_DEQUANTIZE_OPS
 
 aten = torch.ops.aten
-MATMUL_OPS = frozenset({aten.matmul.default, aten.bmm.default, aten.mm.default})
-COMPUTE_OPS = CONV_OPS | LINEAR_OPS | MATMUL_OPS
+COMPUTE_OPS = CONV_OPS | LINEAR_OPS | MATMUL_OPS | MM_OPS
 
 
 @dataclass

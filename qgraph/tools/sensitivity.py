@@ -56,14 +56,15 @@ import torch.fx
 from tabulate import tabulate
 from torch import nn
 
+from qgraph.api.capture import capture
 from qgraph.api.pipeline import calibrate, convert, prepare_ptq
 from qgraph.backends import get_backend
-from qgraph.api.capture import capture
-from qgraph.quant.config import QConfig
 from qgraph.core.errors import ConfigError
-from qgraph.core.graph import CONV_OPS, LINEAR_OPS, is_op, module_path
+from qgraph.core.graph import is_op, module_path
+from qgraph.core.meta import ANNOTATION_KEY
+from qgraph.core.opsets import CONV_OPS, LINEAR_OPS
+from qgraph.quant.config import QConfig
 from qgraph.quant.rules import Backend, QuantScheme
-from qgraph.quant.specs import ANNOTATION_KEY
 
 Fallback = Union[Literal["float"], QuantScheme]
 EvalFn = Callable[[torch.fx.GraphModule], float]

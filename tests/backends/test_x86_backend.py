@@ -8,12 +8,14 @@ import pytest
 import torch
 
 import qgraph
+from qgraph.core.graph import is_op
+from qgraph.core.meta import ANNOTATION_KEY
+from qgraph.core.opsets import CONV_OPS
 from qgraph.demo import output_scale
-from qgraph.core.graph import CONV_OPS, is_op
 from qgraph.models.vision import build_torchvision
 from qgraph.observers.base import DerivedQuantizer
 from qgraph.ops.qdq import qd
-from qgraph.quant.specs import ANNOTATION_KEY, DerivedSpec
+from qgraph.quant.specs import DerivedSpec
 from tests.conftest import count_modules, x86_qat_two_steps
 
 

@@ -10,8 +10,8 @@ from torch import nn
 
 import qgraph
 from qgraph.backends.rules.xnnpack import RULES
+from qgraph.core.meta import ANNOTATION_KEY
 from qgraph.demo import output_scale
-from qgraph.quant.specs import ANNOTATION_KEY
 
 aten = torch.ops.aten
 

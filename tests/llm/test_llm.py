@@ -13,16 +13,22 @@ from torch import nn
 import qgraph
 from qgraph.backends.executorch.lowbit import UseEmbeddingKernels, pack_int4
 from qgraph.core.errors import ConfigError
+from qgraph.core.meta import ANNOTATION_KEY, REFUSALS_KEY
 from qgraph.llm import train as llm_train
-from qgraph.recipes.lowbit import embedding_weight_only, int4_weight_only, int4_weight_spec, int8_dynamic_int4_weight, llm_config
 from qgraph.models import pydata
 from qgraph.models.llama import Llama, LlamaConfig, greedy_decode
 from qgraph.observers.base import DynamicQuantizer, FakeQuantize
-from qgraph.passes.prepare.annotate import REFUSALS_KEY
 from qgraph.ops.qdq import qd
 from qgraph.quant.qparams import fake_quantize, qparams_from_range
 from qgraph.quant.rules import QuantScheme
-from qgraph.quant.specs import ANNOTATION_KEY, PerGroup, PerToken, QuantSpec
+from qgraph.quant.specs import PerGroup, PerToken, QuantSpec
+from qgraph.recipes.lowbit import (
+    embedding_weight_only,
+    int4_weight_only,
+    int4_weight_spec,
+    int8_dynamic_int4_weight,
+    llm_config,
+)
 from tests.conftest import count_ops
 
 aten = torch.ops.aten

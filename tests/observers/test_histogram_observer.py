@@ -15,13 +15,13 @@ from torch import nn
 
 import qgraph
 from qgraph import CalibrationError, ConfigError, PerChannel, QuantSpec
-from qgraph.observers.histogram import HistogramObserver, select_range, value_histogram
 from qgraph.models.vision import settle_batch_norm
 from qgraph.observers.base import FakeQuantize, Observer
-from qgraph.recipes.presets import histogram_ptq, learnable_qat
+from qgraph.observers.factory import make_quantizer
+from qgraph.observers.histogram import HistogramObserver, select_range, value_histogram
 from qgraph.ops.qdq import qd
 from qgraph.quant.qparams import fake_quantize, qparams_from_range
-from qgraph.observers.factory import make_quantizer
+from qgraph.recipes.presets import histogram_ptq, learnable_qat
 
 METHODS = ("mse", "entropy", "percentile")
 BIN = 2.0**-7  # relative width of a histogram bin (7 mantissa bits)

@@ -9,9 +9,9 @@ import qgraph
 from qgraph import ConfigError, PerChannel, QuantSpec
 from qgraph.observers.histogram import select_range, value_histogram
 from qgraph.observers.learnable import LearnableFakeQuantize, lsq_fake_quantize, lsq_gradients, positive_levels
-from qgraph.recipes.presets import learnable_qat
 from qgraph.ops.qdq import qd
 from qgraph.quant.qparams import fake_quantize, qparams_from_range
+from qgraph.recipes.presets import learnable_qat
 
 # --- gradients against finite differences -------------------------------------------------
 

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qgraph
-from qgraph.recipes.lowbit import int8_dynamic_int4_weight
-from qgraph.passes.lower.lower_dynamic_reference import LowerDynamicReference
 from qgraph.ops.qdq import qd
 from qgraph.ops.reference_dynamic import dynamic_qparams
+from qgraph.passes.lower.lower_dynamic_reference import LowerDynamicReference
+from qgraph.recipes.lowbit import int8_dynamic_int4_weight
 from tests.conftest import count_ops, run_pass
 
 ref = torch.ops.qgraph_ref

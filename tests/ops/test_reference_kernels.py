@@ -14,11 +14,11 @@ multipliers per operand step), so a wrong accumulation, scale, zero point or cla
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 import torch.nn.functional as F
-from fractions import Fraction
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 

@@ -22,11 +22,11 @@ from torch import nn
 
 import qgraph
 from qgraph import ConfigError
-from qgraph.recipes.dynamic import dynamic_config, dynamic_scheme, quantize_dynamic
 from qgraph.observers.base import DynamicQuantizer, Observer
 from qgraph.ops.qdq import qd
 from qgraph.quant.rules import QuantScheme
 from qgraph.quant.specs import Int32Bias, PerChannel, PerToken, QuantSpec
+from qgraph.recipes.dynamic import dynamic_config, dynamic_scheme, quantize_dynamic
 from tests.conftest import ConvBnNet, count_modules, count_ops, randomize_bn
 
 aten = torch.ops.aten

@@ -20,11 +20,11 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 import qgraph
 from qgraph.core.errors import ConfigError
+from qgraph.observers.base import FakeQuantize
+from qgraph.ops.qdq import qd
+from qgraph.passes.lora.adapter import LoraAdapter
 from qgraph.recipes.hf import GraphForTrainer, infer_task, prepare_qat_for_trainer
 from qgraph.recipes.lora import add_lora
-from qgraph.observers.base import FakeQuantize
-from qgraph.passes.lora.add_lora import LoraAdapter
-from qgraph.ops.qdq import qd
 
 SEQ, VOCAB = 16, 64
 

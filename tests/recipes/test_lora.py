@@ -7,9 +7,9 @@ import torch
 
 import qgraph
 from qgraph.core.errors import ConfigError
+from qgraph.passes.lora.adapter import LoraAdapter
 from qgraph.recipes.lora import add_lora, has_lora, lora_parameters, merge_lora
 from qgraph.recipes.lowbit import int8_dynamic_int4_weight
-from qgraph.passes.lora.add_lora import LoraAdapter
 from tests.passes.lora.test_add_lora import Mlp
 
 

@@ -15,9 +15,9 @@ import torch
 import qgraph
 from qgraph import ConfigError
 from qgraph.backends.rules.xnnpack import xnnpack_scheme
-from qgraph.tools.check import CheckReport, check
 from qgraph.ops.qdq import qd
 from qgraph.quant.specs import Int32Bias
+from qgraph.tools.check import CheckReport, check
 from tests.conftest import x86_qat_two_steps
 
 

@@ -18,11 +18,10 @@ from PIL import Image
 from torch import nn
 
 import qgraph
-from qgraph.tools.compare import LayerErrorReport, compare, plot_layer_histograms, sqnr_db
+from qgraph.core.meta import QUANTIZER_KEY, SIMULATED_BN_KEY
 from qgraph.models.vision import build_torchvision, settle_batch_norm
 from qgraph.observers.base import Observer
-from qgraph.passes.prepare.fuse_conv_bn_qat import SIMULATED_BN_KEY
-from qgraph.passes.prepare.insert_quantizers import QUANTIZER_KEY
+from qgraph.tools.compare import LayerErrorReport, compare, plot_layer_histograms, sqnr_db
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 INT8_ISOLATED_MIN_DB = 20.0

@@ -25,12 +25,12 @@ import torch
 import qgraph
 from qgraph.backends.rules.xnnpack import xnnpack_scheme
 from qgraph.core.errors import ConfigError
-from qgraph.core.graph import CONV_OPS, LINEAR_OPS, get_constant
+from qgraph.core.graph import get_constant
+from qgraph.core.opsets import CONV_OPS, DEQUANTIZE_OPS, LINEAR_OPS, QUANTIZE_OPS
 from qgraph.models.digits import DigitsCNN, load_digits_split
 from qgraph.observers.base import Observer
-from qgraph.ops.qdq import DEQUANTIZE_OPS, QUANTIZE_OPS
-from qgraph.tools.sensitivity import auto_mixed_precision, quantizable_layers, sensitivity
 from qgraph.recipes.training import accuracy, batches, train_epochs
+from qgraph.tools.sensitivity import auto_mixed_precision, quantizable_layers, sensitivity
 
 LAYERS = {"features.0", "features.3", "classifier.2"}
 TOLERABLE_LOSS = 0.01  # relative: 1 % of the fp32 accuracy, about 1 point at 99 %

@@ -10,11 +10,11 @@ import torch
 import qgraph
 from qgraph import CalibrationError
 from qgraph.core.graph import copy_graph_module as _copy_graph_module
+from qgraph.ops.qdq import qd
 from qgraph.passes.convert.fold_bn import FoldBn
 from qgraph.passes.convert.freeze_qparams import FreezeQparams
 from qgraph.passes.convert.quantize_weights import QuantizeWeights
 from qgraph.passes.prepare.remove_dropout import RemoveDropout
-from qgraph.ops.qdq import qd
 from tests.conftest import count_modules, count_ops, run_pass
 
 aten = torch.ops.aten

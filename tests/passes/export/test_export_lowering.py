@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import qgraph
-from qgraph.recipes.dynamic import quantize_dynamic
 from qgraph.core.graph import copy_graph_module
+from qgraph.core.opsets import CHOOSE_QPARAMS_OPS, DYNAMIC_QUANTIZE_OPS
+from qgraph.ops.qdq import qd
 from qgraph.passes.export.fold_bias_dequantize import FoldBiasDequantize
 from qgraph.passes.export.lower_dynamic_to_integer import LowerDynamicToInteger
 from qgraph.passes.export.shift_uint8_to_int8 import ShiftUint8ToInt8
-from qgraph.ops.qdq import CHOOSE_QPARAMS_OPS, DYNAMIC_QUANTIZE_OPS, qd
+from qgraph.recipes.dynamic import quantize_dynamic
 from tests.conftest import count_ops, run_pass
 
 QDQ_OPS = {

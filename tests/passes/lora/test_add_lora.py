@@ -10,11 +10,12 @@ import qgraph
 from qgraph.backends.rules.xnnpack import xnnpack_scheme
 from qgraph.core.errors import ConfigError
 from qgraph.core.graph import copy_graph_module
+from qgraph.core.meta import LORA_BASE_KEY, LORA_KEY, QUANTIZER_KEY
 from qgraph.observers.learnable import LearnableFakeQuantize
-from qgraph.recipes.lora import add_lora
-from qgraph.passes.lora.add_lora import LORA_BASE_KEY, LORA_KEY, AddLora, LoraAdapter
-from qgraph.passes.prepare.insert_quantizers import QUANTIZER_KEY
+from qgraph.passes.lora.adapter import LoraAdapter
+from qgraph.passes.lora.add_lora import AddLora
 from qgraph.quant.rules import QuantScheme
+from qgraph.recipes.lora import add_lora
 from tests.conftest import count_ops, run_pass
 
 aten = torch.ops.aten

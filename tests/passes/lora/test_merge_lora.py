@@ -8,13 +8,15 @@ from torch import nn
 import qgraph
 from qgraph.backends.rules.xnnpack import xnnpack_scheme
 from qgraph.core.graph import copy_graph_module
-from qgraph.observers.learnable import LearnableFakeQuantize
-from qgraph.recipes.lowbit import int8_dynamic_int4_weight
+from qgraph.core.meta import LORA_KEY
 from qgraph.observers.base import FakeQuantize
-from qgraph.passes.lora.add_lora import LORA_KEY, AddLora, LoraAdapter
+from qgraph.observers.learnable import LearnableFakeQuantize
+from qgraph.passes.lora.adapter import LoraAdapter
+from qgraph.passes.lora.add_lora import AddLora
 from qgraph.passes.lora.merge_lora import MergeLora
 from qgraph.quant.qparams import qparams_from_range
 from qgraph.quant.rules import QuantScheme
+from qgraph.recipes.lowbit import int8_dynamic_int4_weight
 from tests.conftest import count_ops
 from tests.passes.lora.test_add_lora import Mlp, _run, batch, prepared  # noqa: F401  (fixtures)
 

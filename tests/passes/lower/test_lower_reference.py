@@ -15,11 +15,12 @@ from torch import nn
 
 import qgraph
 from qgraph import ConfigError
-from qgraph.tools.check import _isolated, _places, _with_quantized_outputs
-from qgraph.demo import output_scale
 from qgraph.api.lower import lower
-from qgraph.passes.lower.lower_reference import REFERENCE_KEY, LoweredFrom, LowerReference
+from qgraph.core.meta import REFERENCE_KEY, LoweredFrom
+from qgraph.demo import output_scale
 from qgraph.ops.qdq import qd
+from qgraph.passes.lower.lower_reference import LowerReference
+from qgraph.tools.check import _isolated, _places, _with_quantized_outputs
 from tests.conftest import count_ops
 
 aten = torch.ops.aten

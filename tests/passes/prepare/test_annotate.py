@@ -11,9 +11,10 @@ from torch import nn
 import qgraph
 from qgraph import QConfig, UnsupportedOperatorError
 from qgraph.backends.rules.xnnpack import XNNPACK
+from qgraph.core.meta import ANNOTATION_KEY
 from qgraph.passes.prepare.annotate import Annotate
 from qgraph.passes.prepare.fuse_conv_bn_qat import FuseConvBnQat
-from qgraph.quant.specs import ANNOTATION_KEY, QuantSpec, SharedSpec
+from qgraph.quant.specs import QuantSpec, SharedSpec
 
 aten = torch.ops.aten
 

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import qgraph
+from qgraph.core.meta import ANNOTATION_KEY
 from qgraph.passes.prepare.chunk_to_slices import ChunkToSlices
-from qgraph.quant.specs import ANNOTATION_KEY, SharedSpec
+from qgraph.quant.specs import SharedSpec
 from tests.conftest import count_ops, run_pass
 
 aten = torch.ops.aten

@@ -7,8 +7,9 @@ import copy
 import torch
 
 import qgraph
-from qgraph.quant.batch_norm import FOLDED_INTO_KEY
-from qgraph.passes.prepare.fuse_conv_bn_qat import SIMULATED_BN_KEY, FuseConvBnQat, set_simulated_bn_form
+from qgraph.core.meta import FOLDED_INTO_KEY, SIMULATED_BN_KEY
+from qgraph.passes.prepare.fuse_conv_bn_qat import FuseConvBnQat
+from qgraph.passes.prepare.simulated_bn import set_simulated_bn_form
 from tests.conftest import count_ops, run_pass
 
 aten = torch.ops.aten

@@ -6,11 +6,12 @@ import torch
 
 import qgraph
 from qgraph.backends.rules.xnnpack import XNNPACK
+from qgraph.core.meta import GROUPS_KEY, QUANTIZER_KEY
 from qgraph.observers.base import FakeQuantize, Observer
 from qgraph.passes.prepare.annotate import Annotate
 from qgraph.passes.prepare.fold_conv_bn import FoldConvBn
-from qgraph.passes.prepare.insert_quantizers import QUANTIZER_KEY, InsertQuantizers
-from qgraph.passes.prepare.resolve_specs import GROUPS_KEY, ResolveSpecs
+from qgraph.passes.prepare.insert_quantizers import InsertQuantizers
+from qgraph.passes.prepare.resolve_specs import ResolveSpecs
 from tests.conftest import count_modules
 
 

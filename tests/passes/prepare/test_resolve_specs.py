@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 import qgraph
-from qgraph import ConfigError
 from qgraph.backends.rules.xnnpack import XNNPACK
+from qgraph.core.meta import ANNOTATION_KEY, GROUPS_KEY
 from qgraph.passes.prepare.annotate import Annotate
 from qgraph.passes.prepare.fold_conv_bn import FoldConvBn
-from qgraph.passes.prepare.resolve_specs import GROUPS_KEY, ResolveSpecs
-from qgraph.quant.specs import ANNOTATION_KEY, QuantAnnotation, QuantSpec, SharedSpec
+from qgraph.passes.prepare.resolve_specs import ResolveSpecs
+from qgraph.quant.specs import QuantAnnotation, QuantSpec, SharedSpec
 
 
 class _CatNet(nn.Module):

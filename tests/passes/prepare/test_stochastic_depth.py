@@ -8,10 +8,10 @@ from torch import nn
 from torchvision.ops import StochasticDepth as TvStochasticDepth
 
 import qgraph
+from qgraph.core.graph import is_op
 from qgraph.demo import output_scale
-from qgraph.core.graph import DROPOUT_OPS, is_op
+from qgraph.ops.stochastic_depth import EVAL_IDENTITY_OPS, STOCHASTIC_DEPTH
 from qgraph.passes.prepare.stochastic_depth import StochasticDepth
-from qgraph.ops.stochastic_depth import STOCHASTIC_DEPTH
 from tests.conftest import count_ops, run_pass
 
 aten = torch.ops.aten
@@ -74,7 +74,7 @@ def test_qat_model_is_deterministic_in_eval_and_convert_removes_the_op():
     torch.manual_seed(0)
     model = Residual("row").train()
     prepared = qgraph.prepare_qat(model, (_x(),))
-    assert sum(1 for n in prepared.graph.nodes if is_op(n, DROPOUT_OPS)) == 1
+    assert sum(1 for n in prepared.graph.nodes if is_op(n, EVAL_IDENTITY_OPS)) == 1
     torch.manual_seed(0)
     a = prepared(_x())
     b = prepared(_x())

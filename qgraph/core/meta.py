@@ -1,0 +1,77 @@
+"""The keys under which qgraph keeps its records in ``node.meta`` and ``GraphModule.meta``.
+
+A pass that leaves something on a node for a later pass, a mode switch or a tool writes it
+under one of these keys, and the record's type is named beside the key. Each key has one
+home: here. Records whose fields are quantization specs are defined with the specs
+(:class:`~qgraph.quant.specs.QuantAnnotation`, :class:`~qgraph.passes.prepare.resolve_specs.QuantGroup`);
+records of plain graph facts are defined here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- node.meta --------------------------------------------------------------------------
+
+ANNOTATION_KEY = "qgraph_annotation"
+"""A node's :class:`~qgraph.quant.specs.QuantAnnotation`: the specs the backend's rule put on
+its inputs and output (written by ``annotate``)."""
+
+REFUSALS_KEY = "qgraph_refusals"
+"""Why each backend rule that was tried on a node refused it (written by ``annotate``,
+read by ``coverage`` and the dumps)."""
+
+GROUPS_KEY = "qgraph_groups"
+"""``GraphModule.meta``: the :class:`~qgraph.passes.prepare.resolve_specs.QuantGroup` list of
+points that share one set of qparams (written by ``resolve_specs``)."""
+
+DERIVED_KEY = "qgraph_derived"
+"""``GraphModule.meta``: derived specs (int32 bias = input scale × weight scale) by point."""
+
+QUANTIZER_KEY = "qgraph_quantizer"
+"""On a ``call_module`` node of an observer / fake-quant module: the point it quantizes."""
+
+FOLDED_INTO_KEY = "qgraph_folded_into"
+"""The name of the conv whose simulated batch norm this node belongs to (QAT train form)."""
+
+SIMULATED_BN_KEY = "qgraph_simulated_bn"
+"""On a QAT conv: its :class:`~qgraph.passes.prepare.simulated_bn.SimulatedBn`."""
+
+EVAL_FORM_KEY = "qgraph_bn_eval_form"
+"""The name of the conv whose eval-form bias (``(b - mean) * s + beta``) this node computes."""
+
+LORA_KEY = "qgraph_lora"
+"""On a linear with an adapter: the adapter's module path."""
+
+LORA_BASE_KEY = "qgraph_lora_base"
+"""On the nodes an adapter added: the name of the linear they adapt."""
+
+REFERENCE_KEY = "qgraph_reference"
+"""On every integer node ``lower_reference`` creates: its :class:`LoweredFrom`."""
+
+TRAIN_DROPOUT_KEY = "qgraph_train_dropout_p"
+"""On an attention op: the ``dropout_p`` it was captured with in training."""
+
+# --- GraphModule.meta -------------------------------------------------------------------
+
+PREPARED_KEY = "qgraph_prepared"
+"""``{"backend": name, "qat": bool}`` on a graph ``prepare_*`` returned."""
+
+CONVERTED_KEY = "qgraph_converted"
+"""``{"backend": name}`` on a graph ``convert`` returned."""
+
+LOWERED_KEY = "qgraph_lowered"
+"""``{"target": name, "runtime": name}`` on a graph ``qgraph.lower`` returned."""
+
+BN_FROZEN_KEY = "qgraph_bn_frozen"
+"""True once ``freeze_bn_stats`` froze every batch norm's statistics."""
+
+
+@dataclass(frozen=True)
+class LoweredFrom:
+    """What an integer node replaced: the quantize node (its name in the converted graph),
+    the pattern (``conv_relu``, ``add``, ``quantize``, ...) and the anchor op's node name."""
+
+    quantize: str
+    pattern: str
+    anchor: str
