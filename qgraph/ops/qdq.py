@@ -8,26 +8,21 @@ from __future__ import annotations
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 
+from qgraph.core.opsets import (  # noqa: F401  (re-exported: their home is core's op vocabulary)
+    DEQUANTIZE_OPS,
+    DYNAMIC_DEQUANTIZE_OPS,
+    DYNAMIC_QUANTIZE_OPS,
+    QUANTIZE_OPS,
+)
 from qgraph.quant.specs import PerToken, QuantSpec
 
 qd = torch.ops.quantized_decomposed
 
-QUANTIZE_OPS = frozenset(
-    {qd.quantize_per_tensor.default, qd.quantize_per_channel.default, qd.quantize_per_channel_group.default}
-)
-DEQUANTIZE_OPS = frozenset(
-    {qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default, qd.dequantize_per_channel_group.default}
-)
 GROUP_QDQ_OPS = frozenset({qd.quantize_per_channel_group.default, qd.dequantize_per_channel_group.default})
 """Per-group ops (``*_per_channel_group``): scales ``[rows, cols // group_size]`` of a 2-D
 tensor, used for int4 weights (XNNPACK's ``qb4w``)."""
 
 CHOOSE_QPARAMS_OPS = frozenset({qd.choose_qparams.tensor, qd.choose_qparams_per_token_asymmetric.default})
-DYNAMIC_QUANTIZE_OPS = frozenset({qd.quantize_per_tensor.tensor, qd.quantize_per_token.default})
-DYNAMIC_DEQUANTIZE_OPS = frozenset({qd.dequantize_per_tensor.tensor, qd.dequantize_per_token.default})
-"""Dynamic quantization: ``choose_qparams`` picks the range of each batch at run time and the
-``.tensor`` / ``per_token`` quantize ops take its scale and zero point as tensors. Kept apart
-from ``QUANTIZE_OPS`` / ``DEQUANTIZE_OPS``, whose qparams are constants."""
 
 
 def dynamic_qparams_call(spec: QuantSpec) -> tuple[object, tuple]:
