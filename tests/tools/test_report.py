@@ -241,6 +241,13 @@ def test_small_report_in_browser_listing_module_filter_and_text_only_pass(browse
     page.close()
 
 
+def test_report_module_reads_dumps_without_torch():
+    """``qgraph report DIR`` starts without torch: the report reads files, not graphs."""
+    code = "import sys, qgraph.tools.report; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+
+
 def test_report_needs_dumps(tmp_path):
     with pytest.raises(FileNotFoundError, match="dump_dir="):
         write_report(tmp_path)
