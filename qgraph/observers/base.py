@@ -99,6 +99,23 @@ class _RangeTracker(nn.Module):
         rng = f"[{self.min_val.min().item():.4g}, {self.max_val.max().item():.4g}]" if self.has_range else "unobserved"
         return f"{self.spec.short()}, range={rng}"
 
+    def dump_fields(self) -> dict:
+        observed = [self.min_val.min().item(), self.max_val.max().item()] if self.has_range else None
+        return quantizer_fields(self, observed_range=observed, frozen=not self.observer_enabled.item())
+
+
+def quantizer_fields(module: nn.Module, **extra) -> dict:
+    """What every quantizer module tells :mod:`qgraph.core.dump` about itself: that it is a
+    quantizer, its class, the point it quantizes, its spec, and its one-line ``repr``."""
+    return {
+        "kind": "quantizer",
+        "class": type(module).__name__,
+        "point": module.point,
+        "spec": module.spec.dump_fields(),
+        "text": repr(module).replace("\n", " "),
+        **extra,
+    }
+
 
 class Observer(_RangeTracker):
     """PTQ observer: watches values, returns them unchanged; NaN or inf is an error.
@@ -189,6 +206,9 @@ class DerivedQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return f"{str(self.spec.dtype).replace('torch.', '')} bias, scale = product of {len(self._sources)} scales"
 
+    def dump_fields(self) -> dict:
+        return quantizer_fields(self, sources=[s.point for s in self._sources])
+
 
 class DynamicQuantizer(nn.Module):
     """Quantizer of a dynamic activation: qparams are chosen per batch at run time.
@@ -215,6 +235,9 @@ class DynamicQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.spec.short()}, qparams per batch"
+
+    def dump_fields(self) -> dict:
+        return quantizer_fields(self)
 
 
 QUANTIZER_TYPES = (Observer, FakeQuantize, DerivedQuantizer, DynamicQuantizer)

@@ -487,3 +487,7 @@ class HistogramObserver(Observer):
         lo, hi = self.chosen_range()
         return (f"{self.spec.short()}, histogram {self.range_method}: range=[{lo.item():.4g}, {hi.item():.4g}] "
                 f"of observed [{self.min_val.item():.4g}, {self.max_val.item():.4g}]")  # fmt: skip
+
+    def dump_fields(self) -> dict:
+        chosen = [v.item() for v in self.chosen_range()] if self.has_range else None
+        return {**super().dump_fields(), "range_method": self.range_method, "chosen_range": chosen}

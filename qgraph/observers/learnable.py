@@ -200,10 +200,22 @@ class LearnableFakeQuantize(FakeQuantize):
         """Stop learning: scale and zero point keep their values (no gradient reaches them)."""
         super().freeze()
 
-    def extra_repr(self) -> str:
+    def learned_range(self) -> tuple[float, float] | None:
+        """``(lo, hi)``: the float range the learned qparams represent (``(q - zp) * scale``
+        at ``quant_min`` and ``quant_max``, widest over channels); None before the first batch."""
         if not self.has_range:
-            return f"{self.spec.short()}, learnable, uninitialized"
+            return None
         scale, zero_point = self.qparams()
         lo = ((self.spec.quant_min - zero_point) * scale).min().item()
         hi = ((self.spec.quant_max - zero_point) * scale).max().item()
-        return f"{self.spec.short()}, learnable, range=[{lo:.4g}, {hi:.4g}]"
+        return lo, hi
+
+    def extra_repr(self) -> str:
+        learned = self.learned_range()
+        if learned is None:
+            return f"{self.spec.short()}, learnable, uninitialized"
+        return f"{self.spec.short()}, learnable, range=[{learned[0]:.4g}, {learned[1]:.4g}]"
+
+    def dump_fields(self) -> dict:
+        learned = self.learned_range()
+        return {**super().dump_fields(), "learned_range": list(learned) if learned is not None else None}

@@ -47,12 +47,18 @@ _DTYPE_RANGES = {
 class PerTensor:
     """One scale and zero point for the whole tensor."""
 
+    def dump_fields(self) -> dict:
+        return {"granularity": "per_tensor"}
+
 
 @dataclass(frozen=True)
 class PerChannel:
     """One scale and zero point per slice along ``axis`` (output channels of a weight)."""
 
     axis: int = 0
+
+    def dump_fields(self) -> dict:
+        return {"granularity": "per_channel", "axis": self.axis}
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,16 @@ class PerGroup:
         if not isinstance(self.group_size, int) or self.group_size < 2:
             raise ConfigError(f"PerGroup.group_size={self.group_size!r} must be an integer of at least 2")
 
+    def dump_fields(self) -> dict:
+        return {"granularity": "per_group", "group_size": self.group_size}
+
 
 @dataclass(frozen=True)
 class PerToken:
     """One scale per row: every dimension but the last (dynamic activations of LLMs)."""
+
+    def dump_fields(self) -> dict:
+        return {"granularity": "per_token"}
 
 
 Granularity = Union[PerTensor, PerChannel, PerGroup, PerToken]
@@ -167,6 +179,33 @@ class QuantSpec:
         extra = " dynamic" if self.dynamic else ""
         return f"{self.dtype}[{self.quant_min},{self.quant_max}] {kind} {gran}{extra}".replace("torch.", "")
 
+    def dump_fields(self) -> dict:
+        """The spec as plain data for :mod:`qgraph.core.dump` (see its self-description protocol)."""
+        return {
+            "type": "QuantSpec",
+            "dtype": _dtype_name(self.dtype),
+            "bits": self.bits,
+            "quant_min": self.quant_min,
+            "quant_max": self.quant_max,
+            "scheme": "symmetric" if self.symmetric else "affine",
+            "narrow_range": self.narrow_range,
+            **self.granularity.dump_fields(),
+            "dynamic": self.dynamic,
+            "observer": self.observer,
+            "range_method": self.range_method,
+            "learnable": self.learnable,
+            "scale_dtype": _dtype_name(self.scale_dtype),
+            "text": self.short(),
+        }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _point_fields(point: "Point") -> str | list[str]:
+    return point if isinstance(point, str) else list(point)
+
 
 def _check_dynamic(spec: QuantSpec) -> None:
     """Dynamic specs are what the runtimes quantize per batch: 8-bit affine, per tensor or per token.
@@ -233,6 +272,9 @@ class SharedSpec:
 
     point: Point
 
+    def dump_fields(self) -> dict:
+        return {"type": "SharedSpec", "shares": _point_fields(self.point), "text": f"shared with {self.point}"}
+
 
 @dataclass(frozen=True)
 class DerivedSpec:
@@ -244,6 +286,23 @@ class DerivedSpec:
 
     points: tuple[Point, ...]
     dtype: torch.dtype = torch.int32
+
+    def dump_fields(self) -> dict:
+        """Zero point 0 over the dtype's whole range; the scale is the product of the
+        scales at ``points``."""
+        info = torch.iinfo(self.dtype)
+        return {
+            "type": "DerivedSpec",
+            "dtype": _dtype_name(self.dtype),
+            "bits": info.bits,
+            "quant_min": info.min,
+            "quant_max": info.max,
+            "scheme": "symmetric",
+            "dynamic": False,
+            "derived_from": [_point_fields(p) for p in self.points],
+            "text": f"{_dtype_name(self.dtype)} derived: scale = product of the scales at "
+            + ", ".join(str(p) for p in self.points),
+        }
 
 
 @dataclass(frozen=True)
@@ -269,6 +328,23 @@ class FixedSpec:
     quant_min: int = -128
     quant_max: int = 127
 
+    def dump_fields(self) -> dict:
+        dtype = _dtype_name(self.dtype)
+        return {
+            "type": "FixedSpec",
+            "dtype": dtype,
+            "bits": (self.quant_max - self.quant_min).bit_length(),
+            "quant_min": self.quant_min,
+            "quant_max": self.quant_max,
+            "scheme": "affine",
+            "granularity": "per_tensor",
+            "dynamic": False,
+            "scale": self.scale,
+            "zero_point": self.zero_point,
+            "text": f"{dtype}[{self.quant_min},{self.quant_max}] fixed scale={self.scale:.6g} "
+            f"zero_point={self.zero_point}",
+        }
+
 
 AnySpec = Union[QuantSpec, SharedSpec, DerivedSpec, FixedSpec]
 
@@ -289,3 +365,10 @@ class QuantAnnotation:
     output: AnySpec | None = None
 
 
+    def dump_fields(self) -> dict:
+        return {
+            "rule": self.rule,
+            "anchor": self.anchor,
+            "inputs": {name: spec.dump_fields() for name, spec in self.inputs.items()},
+            "output": self.output.dump_fields() if self.output is not None else None,
+        }
