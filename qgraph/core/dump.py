@@ -23,7 +23,7 @@ import torch.fx
 
 from qgraph.core.files import atomic_write_text
 from qgraph.core.graph import module_path
-from qgraph.core.meta import ANNOTATION_KEY
+from qgraph.core.meta import ANNOTATION_KEY, REFUSALS_KEY
 from qgraph.quant.specs import QuantSpec, SharedSpec
 
 if TYPE_CHECKING:
@@ -74,6 +74,8 @@ def format_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
         for inp, spec in ann.inputs.items():
             notes.append(f"in %{inp}: {_fmt_spec(spec)}")
         notes.append(f"<- {ann.rule}")
+    if node.meta.get(REFUSALS_KEY):
+        notes.append("float: " + "; ".join(map(str, node.meta[REFUSALS_KEY])))
     mod = module_path(node)
     if mod:
         notes.append(f"@ {mod}")
