@@ -117,7 +117,8 @@ class Annotate(Pass):
         if scheme.is_dynamic and type(scheme.activation.granularity) not in rule.dynamic:
             granularity = type(scheme.activation.granularity).__name__
             why = f"no dynamic form with {granularity} activations" if rule.dynamic else "no dynamic form"
-            return fail(f"{why} (dynamic quantization covers layers with a constant weight)", RefusalKind.DYNAMIC_UNSUPPORTED)
+            why += " (dynamic quantization covers layers with a constant weight)"
+            return fail(why, RefusalKind.DYNAMIC_UNSUPPORTED)
         if scheme.is_weight_only and "weight" not in rule.inputs.values():
             return fail("a weight-only scheme quantizes only layers with a weight", RefusalKind.WEIGHT_ONLY)
         if rule.needs_weight_only and not scheme.is_weight_only:

@@ -102,5 +102,6 @@ def coverage(model: torch.fx.GraphModule, pte_report=None) -> CoverageReport:
         refusals = () if quantized else tuple(node.meta.get(REFUSALS_KEY, ()))
         reason = "; ".join(map(str, refusals)) or ("" if quantized else "no rule or kept in float by the config")
         op = str(node.target).split(".")[1] if "." in str(node.target) else str(node.target)
-        report.layers.append(LayerCoverage(node.name, module_path(node), op, layer_macs(node), quantized, reason, refusals))
+        layer = LayerCoverage(node.name, module_path(node), op, layer_macs(node), quantized, reason, refusals)
+        report.layers.append(layer)
     return report
