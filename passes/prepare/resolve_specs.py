@@ -13,9 +13,8 @@ own, or its group's) equals the spec of its producer's output joins the producer
 of a cat are quantized at their producers with the cat's qparams. Edges that read one float
 producer with one spec are one group, quantized once.
 
-Two different concrete specs in one component of the sharings is an error (the rules
-contradict each other) that names the two points and the shortest chain of sharings that
-tied them. With the specs a rule table can express (one spec per point, a shared spec naming
+Two different concrete specs tied by shared specs are an error (the rules contradict each
+other) that names the two points and the shortest chain of ties between them. With the specs a rule table can express (one spec per point, a shared spec naming
 one other point) it cannot happen, so it marks a bug.
 
 The result is stored as a list of :class:`QuantGroup` in ``gm.meta['qgraph_groups']``;

@@ -82,7 +82,9 @@ class LoweredFrom:
 class RefusalKind(Enum):
     """Why a rule refused a node, as a category that code can act on without reading the text.
 
-    The kinds are those the annotate pass meets, in the order it tries them on a node.
+    The kinds are those the annotate pass meets, in the order it tests for them on a node
+    (``DYNAMIC_UNSUPPORTED`` also after the rule's check: ``OpRule.dynamic_check``), and the
+    one ``add_lora`` leaves on an adapter's layers.
     """
 
     NOT_MATCHED = "the ops after the anchor are not the ones the rule fuses"
