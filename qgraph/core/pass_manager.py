@@ -74,8 +74,9 @@ class PassManager:
         The ``requires`` of the pipeline's passes, followed transitively, form a directed graph
         of pass types (an edge ``P → R``: P requires R). It must be acyclic: a cycle is an
         error that names it, since no order runs each of its passes after the others. Every
-        type a pipeline pass requires must be in the pipeline (else the error names the
-        missing pass) and come before the pass (else it names the passes that do).
+        type a pipeline pass requires must be in the pipeline, itself or a subclass (else the
+        error names the missing pass), and come before the pass (else it names the passes
+        that do).
         """
         requires = nx.DiGraph()
         requires.add_nodes_from(type(p) for p in passes)
@@ -97,9 +98,10 @@ class PassManager:
                 "after the passes it requires; remove one of these requirements"
             )
         pipeline = [type(p).__name__ for p in passes]
-        first: dict[type, int] = {}
+        first: dict[type, int] = {}  # where each pass type, or its first subclass, runs
         for i, p in enumerate(passes):
-            first.setdefault(type(p), i)
+            for cls in type(p).__mro__:
+                first.setdefault(cls, i)
         for i, p in enumerate(passes):
             required = list(requires.successors(type(p)))
             absent = [r.__name__ for r in required if r not in first]

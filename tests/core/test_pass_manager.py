@@ -69,6 +69,16 @@ def test_a_cycle_in_requires_is_named(monkeypatch):
         PassManager([_First()])
 
 
+class _FirstVariant(_First):
+    name = "first_variant"
+
+
+def test_a_subclass_of_a_required_pass_meets_the_requirement():
+    PassManager([_FirstVariant(), _Second()])
+    with pytest.raises(PassOrderError, match="_Second requires _First to run before it"):
+        PassManager([_Second(), _FirstVariant()])
+
+
 def test_requires_are_checked_transitively_only_for_cycles():
     # _Third requires _Second requires _First: a pipeline of the three in order is accepted; one
     # without _First is refused at _Second, which requires it directly.
