@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qgraph.backends.rules.base import BASE_RULES
 from qgraph.backends.rules.x86 import X86, x86_dynamic_scheme, x86_scheme
 from qgraph.backends.rules.xnnpack import XNNPACK, xnnpack_dynamic_scheme, xnnpack_scheme
 from qgraph.core.errors import ConfigError
@@ -19,6 +20,7 @@ def get_backend(name: str) -> Backend:
 
 __all__ = [
     "BACKENDS",
+    "BASE_RULES",
     "X86",
     "XNNPACK",
     "get_backend",

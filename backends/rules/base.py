@@ -1,7 +1,9 @@
-"""Op sets, checks and edge roles that several backends' rule tables share.
+"""The base rule table of every backend, and the checks and edge roles it is written in.
 
-Each backend file lists its own rules (one entry per pattern); what is here is the
-vocabulary those entries are written in.
+:data:`BASE_RULES` is the x86 table; ``xnnpack.py`` derives its own from it by naming what
+differs (:func:`~qgraph.quant.rules.derive_rules`), so the difference between the two
+backends' patterns is that one call. Table order is match order: the first rule that
+matches a node wins, so each fused pattern (``conv_relu``) comes before its anchor alone.
 """
 
 from __future__ import annotations
@@ -9,12 +11,25 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qgraph.core.opsets import SHAPE_OPS
-from qgraph.quant.rules import has_float_output
+from qgraph.core.opsets import (
+    ACTIVATION_OPS,
+    ADD_OPS,
+    AVERAGING_OPS,
+    CAT_OPS,
+    CONV_OPS,
+    EMBEDDING_OPS,
+    HARDSWISH_OPS,
+    LINEAR_OPS,
+    MATMUL_OPS,
+    MAX_POOL_OPS,
+    MUL_OPS,
+    SHAPE_OPS,
+)
+from qgraph.ops.stochastic_depth import EVAL_IDENTITY_OPS
+from qgraph.quant.rules import OpRule, has_float_output
 from qgraph.quant.specs import PerTensor, PerToken
 
 aten = torch.ops.aten
-
 
 
 def float_tensor_operands(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
@@ -87,6 +102,7 @@ DYNAMIC_LINEAR = (PerTensor, PerToken)
 the input) is for linears, whose rows are tokens or samples: XNNPACK's dynamic linear picks
 one range per row itself. A conv's input is quantized per tensor (XNNPACK: per image)."""
 
+
 def constant_table(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str | None:
     """An embedding is quantized when its table is a float parameter, not a graph input."""
     table = nodes[0].args[0]
@@ -104,3 +120,28 @@ WEIGHTED = {0: "act", 1: "weight", 2: "bias"}
 BINARY = {0: "act", 1: "act"}
 PASS = {0: "follow"}
 """Edge roles of weighted ops (conv, linear), binary ops and pass-through ops."""
+
+
+BASE_RULES: tuple[OpRule, ...] = (
+    OpRule("conv_relu", (CONV_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
+    # Dynamic convs only where XNNPACK runs them (dynamic_conv_supported): the x86 .pte runs
+    # in XNNPACK too, and ONNX Runtime's ConvInteger is no faster for these.
+    OpRule(
+        "conv", (CONV_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_CONV, dynamic_check=dynamic_conv_supported
+    ),
+    OpRule("linear_relu", (LINEAR_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
+    OpRule("linear", (LINEAR_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_LINEAR),
+    OpRule("matmul", (MATMUL_OPS,), BINARY, "act", float_tensor_operands),
+    OpRule("add_relu", (ADD_OPS, ACTIVATION_OPS), BINARY, "act", float_tensor_operands),
+    OpRule("add", (ADD_OPS,), BINARY, "act", float_tensor_operands),
+    OpRule("mul", (MUL_OPS,), BINARY, "act", float_tensor_operands),
+    OpRule("cat", (CAT_OPS,), {0: "list_shared"}, "shared"),
+    OpRule("hardswish", (HARDSWISH_OPS,), {0: "act"}, "act", float_input),
+    OpRule("averaging", (AVERAGING_OPS,), {0: "follow_or_act"}, "shared", float_input),
+    OpRule("max_pool", (MAX_POOL_OPS,), PASS, "shared"),
+    OpRule("activation", (ACTIVATION_OPS,), PASS, "shared"),
+    OpRule("shape", (SHAPE_OPS,), PASS, "shared"),
+    OpRule("dropout", (EVAL_IDENTITY_OPS,), PASS, "shared"),
+    OpRule("embedding", (EMBEDDING_OPS,), EMBEDDING, None, constant_table, needs_weight_only=True),
+)
+"""The patterns both backends quantize, in match order (the x86 table as it stands)."""

@@ -21,36 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from qgraph.backends.rules.base import (
-    BINARY,
-    DYNAMIC_CONV,
-    DYNAMIC_EPS,
-    DYNAMIC_LINEAR,
-    EMBEDDING,
-    PASS,
-    WEIGHTED,
-    constant_table,
-    constant_weight,
-    dynamic_conv_supported,
-    float_input,
-    float_tensor_operands,
-)
-from qgraph.core.opsets import (
-    ACTIVATION_OPS,
-    ADD_OPS,
-    AVERAGING_OPS,
-    CAT_OPS,
-    CONV_OPS,
-    EMBEDDING_OPS,
-    HARDSWISH_OPS,
-    LINEAR_OPS,
-    MATMUL_OPS,
-    MAX_POOL_OPS,
-    MUL_OPS,
-    SHAPE_OPS,
-)
-from qgraph.ops.stochastic_depth import EVAL_IDENTITY_OPS
-from qgraph.quant.rules import Backend, OpRule, QuantScheme
+from qgraph.backends.rules.base import BASE_RULES, DYNAMIC_EPS
+from qgraph.quant.rules import Backend, QuantScheme
 from qgraph.quant.specs import Int32Bias, PerChannel, PerTensor, PerToken, QuantSpec
 
 
@@ -94,25 +66,6 @@ def x86_dynamic_scheme(per_token: bool = False) -> QuantScheme:
     return QuantScheme(activation=act, weight=x86_scheme().weight, bias=None)
 
 
-RULES: tuple[OpRule, ...] = (
-    OpRule("conv_relu", (CONV_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
-    # Dynamic convs only where XNNPACK runs them (backends/common.py: dynamic_conv_supported):
-    # the x86 .pte runs in XNNPACK too, and ONNX Runtime's ConvInteger is no faster for these.
-    OpRule("conv", (CONV_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_CONV, dynamic_check=dynamic_conv_supported),
-    OpRule("linear_relu", (LINEAR_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
-    OpRule("linear", (LINEAR_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_LINEAR),
-    OpRule("matmul", (MATMUL_OPS,), BINARY, "act", float_tensor_operands),
-    OpRule("add_relu", (ADD_OPS, ACTIVATION_OPS), BINARY, "act", float_tensor_operands),
-    OpRule("add", (ADD_OPS,), BINARY, "act", float_tensor_operands),
-    OpRule("mul", (MUL_OPS,), BINARY, "act", float_tensor_operands),
-    OpRule("cat", (CAT_OPS,), {0: "list_shared"}, "shared"),
-    OpRule("hardswish", (HARDSWISH_OPS,), {0: "act"}, "act", float_input),
-    OpRule("averaging", (AVERAGING_OPS,), {0: "follow_or_act"}, "shared", float_input),
-    OpRule("max_pool", (MAX_POOL_OPS,), PASS, "shared"),
-    OpRule("activation", (ACTIVATION_OPS,), PASS, "shared"),
-    OpRule("shape", (SHAPE_OPS,), PASS, "shared"),
-    OpRule("dropout", (EVAL_IDENTITY_OPS,), PASS, "shared"),
-    OpRule("embedding", (EMBEDDING_OPS,), EMBEDDING, None, constant_table, needs_weight_only=True),
-)
-
-X86 = Backend(name="x86", rules=RULES, default_scheme=x86_scheme, dynamic_scheme=x86_dynamic_scheme)
+# The base table as it is: matmul quantized and mul alone, as torchao's X86InductorQuantizer
+# annotates them (it fuses no relu after mul).
+X86 = Backend(name="x86", rules=BASE_RULES, default_scheme=x86_scheme, dynamic_scheme=x86_dynamic_scheme)

@@ -17,37 +17,10 @@ Shape ops, max-pooling and dropout pass the qparams of their input through uncha
 from __future__ import annotations
 
 import torch
-import torch.fx
 
-from qgraph.backends.rules.base import (
-    BINARY,
-    DYNAMIC_CONV,
-    DYNAMIC_EPS,
-    DYNAMIC_LINEAR,
-    EMBEDDING,
-    PASS,
-    WEIGHTED,
-    constant_table,
-    constant_weight,
-    dynamic_conv_supported,
-    float_input,
-    float_tensor_operands,
-)
-from qgraph.core.opsets import (
-    ACTIVATION_OPS,
-    ADD_OPS,
-    AVERAGING_OPS,
-    CAT_OPS,
-    CONV_OPS,
-    EMBEDDING_OPS,
-    HARDSWISH_OPS,
-    LINEAR_OPS,
-    MAX_POOL_OPS,
-    MUL_OPS,
-    SHAPE_OPS,
-)
-from qgraph.ops.stochastic_depth import EVAL_IDENTITY_OPS
-from qgraph.quant.rules import Backend, OpRule, QuantScheme
+from qgraph.backends.rules.base import BASE_RULES, BINARY, DYNAMIC_EPS, float_tensor_operands
+from qgraph.core.opsets import ACTIVATION_OPS, MUL_OPS
+from qgraph.quant.rules import Backend, OpRule, QuantScheme, derive_rules
 from qgraph.quant.specs import PerChannel, PerTensor, PerToken, QuantSpec
 
 
@@ -94,29 +67,15 @@ def xnnpack_dynamic_scheme(per_token: bool = False) -> QuantScheme:
     return QuantScheme(activation=act, weight=xnnpack_scheme().weight, bias=None)
 
 
-RULES: tuple[OpRule, ...] = (
-    OpRule("conv_relu", (CONV_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
-    # Dynamic convs only where XNNPACK runs them (backends/common.py: dynamic_conv_supported).
-    OpRule("conv", (CONV_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_CONV, dynamic_check=dynamic_conv_supported),
-    OpRule("linear_relu", (LINEAR_OPS, ACTIVATION_OPS), WEIGHTED, "act", constant_weight),
-    OpRule("linear", (LINEAR_OPS,), WEIGHTED, "act", constant_weight, dynamic=DYNAMIC_LINEAR),
-    OpRule("add_relu", (ADD_OPS, ACTIVATION_OPS), BINARY, "act", float_tensor_operands),
-    OpRule("add", (ADD_OPS,), BINARY, "act", float_tensor_operands),
-    OpRule("mul_relu", (MUL_OPS, ACTIVATION_OPS), BINARY, "act", float_tensor_operands),
-    OpRule("mul", (MUL_OPS,), BINARY, "act", float_tensor_operands),
-    OpRule("cat", (CAT_OPS,), {0: "list_shared"}, "shared"),
-    OpRule("hardswish", (HARDSWISH_OPS,), {0: "act"}, "act", float_input),
-    OpRule("averaging", (AVERAGING_OPS,), {0: "follow_or_act"}, "shared", float_input),
-    OpRule("max_pool", (MAX_POOL_OPS,), PASS, "shared"),
-    OpRule("activation", (ACTIVATION_OPS,), PASS, "shared"),
-    OpRule("shape", (SHAPE_OPS,), PASS, "shared"),
-    OpRule("dropout", (EVAL_IDENTITY_OPS,), PASS, "shared"),
-    OpRule("embedding", (EMBEDDING_OPS,), EMBEDDING, None, constant_table, needs_weight_only=True),
-)
-
 XNNPACK = Backend(
     name="xnnpack",
-    rules=RULES,
+    # What XNNPACK states differently from the base (x86) table, as ExecuTorch's
+    # XNNPACKQuantizer does: a relu after mul is fused into it, matmul has no pattern (float).
+    rules=derive_rules(
+        BASE_RULES,
+        add_before={"mul": OpRule("mul_relu", (MUL_OPS, ACTIVATION_OPS), BINARY, "act", float_tensor_operands)},
+        remove=("matmul",),
+    ),
     default_scheme=xnnpack_scheme,
     dynamic_scheme=xnnpack_dynamic_scheme,
     dynamic_linear_per_token=True,

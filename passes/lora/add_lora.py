@@ -44,7 +44,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from qgraph.core.errors import ConfigError
 from qgraph.core.graph import copy_provenance, free_attr_name, get_constant, is_op, module_path
-from qgraph.core.meta import LORA_BASE_KEY, LORA_KEY, QUANTIZER_KEY, REFUSALS_KEY
+from qgraph.core.meta import LORA_BASE_KEY, LORA_KEY, QUANTIZER_KEY, REFUSALS_KEY, Refusal, RefusalKind
 from qgraph.core.opsets import DEQUANTIZE_OPS, LINEAR_OPS
 from qgraph.core.pass_manager import Pass, PassResult
 from qgraph.passes.lora.adapter import LoraAdapter, is_quantizer_call
@@ -52,7 +52,7 @@ from qgraph.quant.config import _matches_path
 
 aten = torch.ops.aten
 
-LORA_REASON = ("lora", "LoRA adapter: a float path by design (merge it to quantize it)")
+LORA_REFUSAL = Refusal("lora", "LoRA adapter: a float path by design (merge it to quantize it)", RefusalKind.LORA)
 
 
 
@@ -154,7 +154,7 @@ class AddLora(Pass):
                 out = make(aten.add.Tensor, (lin, scaled))
             lin.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
             for node in (down, up):
-                node.meta[REFUSALS_KEY] = [LORA_REASON]  # coverage() lists them as float, with this reason
+                node.meta[REFUSALS_KEY] = [LORA_REFUSAL]  # coverage() lists them as float, with this reason
         for node in created:
             copy_provenance(node, lin, self.name)
             node.meta[LORA_KEY] = name

@@ -16,13 +16,18 @@ leaves outputs float; a *weight-only* scheme (``activation=None``) only the weig
 that have one (linear, embedding). A weight spec that cannot apply to a given weight (per-group
 scales whose group size does not divide the input features) is a refusal with that reason.
 
-Why a node was not matched is recorded per rule; ``debug_node="conv2d_3"`` (or env
-``QGRAPH_DEBUG_NODE``) logs that list, and ``strict`` config turns an unquantized conv or
-linear into an error.
+Why a node was not matched is recorded per rule as a :class:`~qgraph.core.meta.Refusal`
+(rule, reason, :class:`~qgraph.core.meta.RefusalKind`) and left under ``REFUSALS_KEY`` on every
+conv and linear that stays float; ``debug_node="conv2d_3"`` (or env ``QGRAPH_DEBUG_NODE``) logs
+each refusal as it happens, and ``strict`` config turns an unquantized conv or linear into an
+error. A rule's ``check`` returns its reason as a string (the predicate contract it shares with
+the exporters, :data:`~qgraph.quant.rules.Check`); this pass gives it its kind:
+``CHECK_FAILED`` for ``check``, ``DYNAMIC_UNSUPPORTED`` for ``dynamic_check``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -32,7 +37,7 @@ import torch.fx
 
 from qgraph.core.errors import UnsupportedOperatorError, describe_node
 from qgraph.core.graph import is_op, single_user
-from qgraph.core.meta import ANNOTATION_KEY, FOLDED_INTO_KEY, REFUSALS_KEY
+from qgraph.core.meta import ANNOTATION_KEY, FOLDED_INTO_KEY, REFUSALS_KEY, Refusal, RefusalKind
 from qgraph.core.opsets import CONV_OPS, LINEAR_OPS
 from qgraph.core.pass_manager import Pass, PassResult
 from qgraph.quant.config import QConfig
@@ -54,7 +59,7 @@ class Annotate(Pass):
         self.config = config or QConfig()
         self.default = backend.default_scheme(is_qat)
         self.debug_node = debug_node or os.environ.get("QGRAPH_DEBUG_NODE")
-        self.refusals: dict[str, list[tuple[str, str]]] = {}
+        self.refusals: dict[str, list[Refusal]] = {}
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         self.kept_float = self._first_and_last(gm) if self.config.keep_first_last_float else set()
@@ -67,52 +72,16 @@ class Annotate(Pass):
         return PassResult(gm, modified)
 
     # -- matching ---------------------------------------------------------------------
-    def _refuse(self, node: torch.fx.Node, rule: OpRule, reason: str) -> bool:
-        self.refusals.setdefault(node.name, []).append((rule.name, reason))
-        if self.debug_node == node.name:
-            log.warning("node %s: rule %s refused: %s", node.name, rule.name, reason)
-        return False
-
-    def _chain(self, rule: OpRule, anchor: torch.fx.Node) -> list[torch.fx.Node] | str:
-        nodes = [anchor]
-        # Nodes that QAT batch-norm folding attached to this anchor belong to it.
-        while (nxt := single_user(nodes[-1])) is not None and nxt.meta.get(FOLDED_INTO_KEY) == anchor.name:
-            nodes.append(nxt)
-        for ops in rule.chain[1:]:
-            nxt = single_user(nodes[-1])
-            if nxt is None or not is_op(nxt, ops):
-                return f"'{nodes[-1].name}' is not followed by a single {sorted(map(str, ops))[0]}-like op"
-            nodes.append(nxt)
-        return nodes
-
     def _try(self, gm: torch.fx.GraphModule, rule: OpRule, anchor: torch.fx.Node) -> bool:
         if ANNOTATION_KEY in anchor.meta:
             return False
-        chain = self._chain(rule, anchor)
-        if isinstance(chain, str):
-            return self._refuse(anchor, rule, chain)
-        if any(ANNOTATION_KEY in n.meta for n in chain):
-            return self._refuse(anchor, rule, "part of the pattern is already matched by another rule")
-        scheme = None if anchor.name in self.kept_float else self.config.scheme_for(anchor, self.default)
-        if scheme is None:
-            return self._refuse(anchor, rule, "the config keeps this node in float (scheme None)")
-        if scheme.is_dynamic and type(scheme.activation.granularity) not in rule.dynamic:
-            granularity = type(scheme.activation.granularity).__name__
-            why = f"no dynamic form with {granularity} activations" if rule.dynamic else "no dynamic form"
-            return self._refuse(anchor, rule, f"{why} (dynamic quantization covers layers with a constant weight)")
-        if scheme.is_weight_only and "weight" not in rule.inputs.values():
-            return self._refuse(anchor, rule, "a weight-only scheme quantizes only layers with a weight")
-        if rule.needs_weight_only and not scheme.is_weight_only:
-            return self._refuse(
-                anchor, rule, "quantized only by a weight-only scheme (activation=None), e.g. qgraph.embedding_weight_only()"
-            )
-        for check in (rule.check, rule.dynamic_check if scheme.is_dynamic else None):
-            reason = check(gm, chain) if check is not None else None
-            if reason:
-                return self._refuse(anchor, rule, reason)
-        inputs = self._input_specs(rule, anchor, scheme)
-        if isinstance(inputs, str):
-            return self._refuse(anchor, rule, inputs)
+        match = self._match(gm, rule, anchor)
+        if isinstance(match, Refusal):
+            self.refusals.setdefault(anchor.name, []).append(match)
+            if self.debug_node == anchor.name:
+                log.warning("node %s: rule %s refused: %s [%s]", anchor.name, rule.name, match.reason, match.kind.name)
+            return False
+        chain, scheme, inputs = match
         last = chain[-1]
         output: AnySpec | None = None
         if scheme.is_dynamic or scheme.is_weight_only:
@@ -129,7 +98,58 @@ class Annotate(Pass):
             )
         return True
 
-    def _input_specs(self, rule: OpRule, anchor: torch.fx.Node, scheme: QuantScheme) -> dict[str, AnySpec] | str:
+    def _match(
+        self, gm: torch.fx.GraphModule, rule: OpRule, anchor: torch.fx.Node
+    ) -> tuple[list[torch.fx.Node], QuantScheme, dict[str, AnySpec]] | Refusal:
+        """The chain, scheme and input specs of ``rule`` at ``anchor``, or why it refuses."""
+        fail = functools.partial(Refusal, rule.name)
+        chain = self._chain(rule, anchor)
+        if isinstance(chain, Refusal):
+            return chain
+        if any(ANNOTATION_KEY in n.meta for n in chain):
+            return fail("part of the pattern is already matched by another rule", RefusalKind.ALREADY_MATCHED)
+        if anchor.name in self.kept_float:
+            why = "QConfig(keep_first_last_float=True) keeps the first and last conv / linear in float"
+            return fail(why, RefusalKind.CONFIG_FLOAT)
+        scheme = self.config.scheme_for(anchor, self.default)
+        if scheme is None:
+            return fail("the config keeps this node in float (scheme None)", RefusalKind.CONFIG_FLOAT)
+        if scheme.is_dynamic and type(scheme.activation.granularity) not in rule.dynamic:
+            granularity = type(scheme.activation.granularity).__name__
+            why = f"no dynamic form with {granularity} activations" if rule.dynamic else "no dynamic form"
+            why += " (dynamic quantization covers layers with a constant weight)"
+            return fail(why, RefusalKind.DYNAMIC_UNSUPPORTED)
+        if scheme.is_weight_only and "weight" not in rule.inputs.values():
+            return fail("a weight-only scheme quantizes only layers with a weight", RefusalKind.WEIGHT_ONLY)
+        if rule.needs_weight_only and not scheme.is_weight_only:
+            why = "quantized only by a weight-only scheme (activation=None), e.g. qgraph.embedding_weight_only()"
+            return fail(why, RefusalKind.NEEDS_WEIGHT_ONLY)
+        checks = [(rule.check, RefusalKind.CHECK_FAILED)]
+        if scheme.is_dynamic:
+            checks.append((rule.dynamic_check, RefusalKind.DYNAMIC_UNSUPPORTED))
+        for check, kind in checks:
+            reason = check(gm, chain) if check is not None else None
+            if reason:
+                return fail(reason, kind)
+        inputs = self._input_specs(rule, anchor, scheme)
+        if isinstance(inputs, Refusal):
+            return inputs
+        return chain, scheme, inputs
+
+    def _chain(self, rule: OpRule, anchor: torch.fx.Node) -> list[torch.fx.Node] | Refusal:
+        nodes = [anchor]
+        # Nodes that QAT batch-norm folding attached to this anchor belong to it.
+        while (nxt := single_user(nodes[-1])) is not None and nxt.meta.get(FOLDED_INTO_KEY) == anchor.name:
+            nodes.append(nxt)
+        for ops in rule.chain[1:]:
+            nxt = single_user(nodes[-1])
+            if nxt is None or not is_op(nxt, ops):
+                why = f"'{nodes[-1].name}' is not followed by a single {sorted(map(str, ops))[0]}-like op"
+                return Refusal(rule.name, why, RefusalKind.NOT_MATCHED)
+            nodes.append(nxt)
+        return nodes
+
+    def _input_specs(self, rule: OpRule, anchor: torch.fx.Node, scheme: QuantScheme) -> dict[str, AnySpec] | Refusal:
         specs: dict[str, AnySpec] = {}
         for index, role in rule.inputs.items():
             if index >= len(anchor.args) or anchor.args[index] is None:
@@ -138,7 +158,7 @@ class Annotate(Pass):
             if role == "list_shared":
                 items = [a for a in arg if isinstance(a, torch.fx.Node)]
                 if not items or not all(has_float_output(a) for a in items):
-                    return "inputs are not all float tensors"
+                    return Refusal(rule.name, "inputs are not all float tensors", RefusalKind.UNSUPPORTED_DTYPE)
                 first = items[0]
                 specs[first.name] = _follow(first) or scheme.activation
                 for other in items[1:]:
@@ -152,7 +172,7 @@ class Annotate(Pass):
             elif role == "weight":
                 misfit = _weight_misfit(arg, scheme.weight)
                 if misfit:
-                    return misfit
+                    return Refusal(rule.name, misfit, RefusalKind.SPEC_MISFIT)
                 specs[arg.name] = scheme.weight
             elif role == "bias":
                 if isinstance(scheme.bias, Int32Bias):
@@ -162,7 +182,8 @@ class Annotate(Pass):
             elif role in ("follow", "follow_or_act"):
                 shared = _follow(arg)
                 if shared is None and role == "follow":
-                    return f"input '{arg.name}' is not quantized, so there are no qparams to pass through"
+                    why = f"input '{arg.name}' is not quantized, so there are no qparams to pass through"
+                    return Refusal(rule.name, why, RefusalKind.FLOAT_PRODUCER)
                 specs[arg.name] = shared or scheme.activation
         return specs
 
@@ -178,9 +199,9 @@ class Annotate(Pass):
                 continue
             tried = self.refusals.get(node.name, [])
             node.meta[REFUSALS_KEY] = list(tried)
-            if any("scheme None" in why for _, why in tried):
+            if any(r.kind is RefusalKind.CONFIG_FLOAT for r in tried):
                 continue  # the user asked for float here
-            reasons = "; ".join(f"{r}: {why}" for r, why in tried) or "no rule of this backend covers it"
+            reasons = "; ".join(map(str, tried)) or "no rule of this backend covers it"
             msg = (
                 f"{describe_node(node)} stays in float on backend '{self.backend.name}' ({reasons}). "
                 "Keep it in float explicitly with QConfig.set_module_name(..., None), or add a rule for it."

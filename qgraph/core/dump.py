@@ -67,7 +67,7 @@ import torch.fx
 from qgraph.core.dump_format import INDEX_JSON, INDEX_SCHEMA, INDEX_TEXT, PASS_SCHEMA, pass_stem
 from qgraph.core.files import atomic_write_text
 from qgraph.core.graph import is_op, module_path
-from qgraph.core.meta import ANNOTATION_KEY
+from qgraph.core.meta import ANNOTATION_KEY, REFUSALS_KEY
 from qgraph.core.opsets import DEQUANTIZE_OPS, DYNAMIC_DEQUANTIZE_OPS, DYNAMIC_QUANTIZE_OPS, QUANTIZE_OPS
 
 if TYPE_CHECKING:
@@ -315,6 +315,8 @@ def format_node(graph: DescribedGraph, node: torch.fx.Node) -> str:
             notes.append(f"out {_spec_text(ann['output'])}")
         notes.extend(f"in %{name}: {_spec_text(spec)}" for name, spec in ann["inputs"].items())
         notes.append(f"<- {ann['rule']}")
+    if node.meta.get(REFUSALS_KEY):
+        notes.append("float: " + "; ".join(map(str, node.meta[REFUSALS_KEY])))
     mod = module_path(node)
     if mod:
         notes.append(f"@ {mod}")
@@ -349,6 +351,9 @@ def graph_record(gm: torch.fx.GraphModule) -> dict:
             "output_spec": ann["output"] if ann is not None else None,
             "input_specs": ann["inputs"] if ann is not None else {},
             "quantizer": graph.quantizer(node),
+            "refusals": [
+                {"rule": r.rule, "reason": r.reason, "kind": r.kind.name} for r in node.meta.get(REFUSALS_KEY, ())
+            ],
         }
         nodes.append(record)
         for src in node.all_input_nodes:

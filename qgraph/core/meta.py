@@ -10,6 +10,7 @@ records of plain graph facts are defined here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 # --- node.meta --------------------------------------------------------------------------
 
@@ -18,8 +19,9 @@ ANNOTATION_KEY = "qgraph_annotation"
 its inputs and output (written by ``annotate``)."""
 
 REFUSALS_KEY = "qgraph_refusals"
-"""Why each backend rule that was tried on a node refused it (written by ``annotate``,
-read by ``coverage`` and the dumps)."""
+"""A list of :class:`Refusal`: why each backend rule that was tried on a node refused it
+(written by ``annotate`` on the convs and linears it leaves float, and by ``add_lora`` on an
+adapter's layers; read by ``coverage``, the dumps and the ``strict`` / warning report)."""
 
 GROUPS_KEY = "qgraph_groups"
 """``GraphModule.meta``: the :class:`~qgraph.passes.prepare.resolve_specs.QuantGroup` list of
@@ -75,3 +77,40 @@ class LoweredFrom:
     quantize: str
     pattern: str
     anchor: str
+
+
+class RefusalKind(Enum):
+    """Why a rule refused a node, as a category that code can act on without reading the text.
+
+    The kinds are those the annotate pass meets, in the order it tests for them on a node
+    (``DYNAMIC_UNSUPPORTED`` also after the rule's check: ``OpRule.dynamic_check``), and the
+    one ``add_lora`` leaves on an adapter's layers.
+    """
+
+    NOT_MATCHED = "the ops after the anchor are not the ones the rule fuses"
+    ALREADY_MATCHED = "part of the pattern is matched by an earlier rule"
+    CONFIG_FLOAT = "the config keeps the node in float"
+    DYNAMIC_UNSUPPORTED = "the runtime has no dynamically quantized form of it"
+    WEIGHT_ONLY = "a weight-only scheme quantizes only layers with a weight"
+    NEEDS_WEIGHT_ONLY = "the rule applies only with a weight-only scheme"
+    CHECK_FAILED = "the rule's check refused"
+    UNSUPPORTED_DTYPE = "an input is not a float tensor"
+    FLOAT_PRODUCER = "an input that must pass its qparams through is not quantized"
+    SPEC_MISFIT = "the scheme's weight spec cannot apply to this weight"
+    LORA = "a LoRA adapter's float path"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One rule's refusal of one node: the rule's name, the reason in words, and its kind.
+
+    ``kind`` is what code decides on (the report skips :attr:`RefusalKind.CONFIG_FLOAT`, the
+    user asked for it); ``reason`` is for people and names the node, argument or shape.
+    """
+
+    rule: str
+    reason: str
+    kind: RefusalKind
+
+    def __str__(self) -> str:
+        return f"{self.rule}: {self.reason}"

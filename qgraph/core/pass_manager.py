@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Sequence
 
+import networkx as nx
 import torch.fx
 
 from qgraph.core.errors import PassError, PassOrderError, QGraphError
@@ -68,17 +69,54 @@ class PassManager:
 
     @staticmethod
     def check_order(passes: Sequence[Pass]) -> None:
-        """Raise :class:`PassOrderError` if a pass comes before one it requires."""
-        seen: set[type] = set()
+        """Raise :class:`PassOrderError` unless every pass's ``requires`` is met, in order.
+
+        The ``requires`` of the pipeline's passes, followed transitively, form a directed graph
+        of pass types (an edge ``P → R``: P requires R). It must be acyclic: a cycle is an
+        error that names it, since no order runs each of its passes after the others. Every
+        type a pipeline pass requires must be in the pipeline, itself or a subclass (else the
+        error names the missing pass), and come before the pass (else it names the passes
+        that do).
+        """
+        requires = nx.DiGraph()
+        requires.add_nodes_from(type(p) for p in passes)
+        todo = list(requires.nodes)
+        while todo:
+            cls = todo.pop()
+            for req in cls.requires:
+                if req not in requires:
+                    todo.append(req)
+                requires.add_edge(cls, req)
+        try:
+            cycle = nx.find_cycle(requires)
+        except nx.NetworkXNoCycle:
+            cycle = []
+        if cycle:
+            chain = " -> ".join(cls.__name__ for cls, _ in cycle) + f" -> {cycle[0][0].__name__}"
+            raise PassOrderError(
+                f"the passes' `requires` form a cycle ({chain}): no pipeline order runs each of them "
+                "after the passes it requires; remove one of these requirements"
+            )
+        pipeline = [type(p).__name__ for p in passes]
+        first: dict[type, int] = {}  # where each pass type, or its first subclass, runs
         for i, p in enumerate(passes):
-            missing = [r.__name__ for r in p.requires if r not in seen]
-            if missing:
-                before = ", ".join(type(q).__name__ for q in passes[:i]) or "nothing"
+            for cls in type(p).__mro__:
+                first.setdefault(cls, i)
+        for i, p in enumerate(passes):
+            required = list(requires.successors(type(p)))
+            absent = [r.__name__ for r in required if r not in first]
+            if absent:
                 raise PassOrderError(
-                    f"pass {type(p).__name__} requires {', '.join(missing)} to run before it, "
+                    f"pass {type(p).__name__} requires {', '.join(absent)}, which the pipeline {pipeline} "
+                    f"does not run; add {', '.join(absent)} before {type(p).__name__}"
+                )
+            late = [r.__name__ for r in required if first[r] >= i]
+            if late:
+                before = ", ".join(pipeline[:i]) or "nothing"
+                raise PassOrderError(
+                    f"pass {type(p).__name__} requires {', '.join(late)} to run before it, "
                     f"but the pipeline runs only [{before}] before it; reorder the pipeline"
                 )
-            seen.add(type(p))
 
     def __call__(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         from qgraph.core.dump import GraphDumper

@@ -17,15 +17,20 @@ ops fused after it (relu) — and says, per input of the anchor, which role that
 and what the last node of the chain outputs: ``"act"`` (fresh spec), ``"shared"`` (the
 qparams of the anchor's first input: pass-through ops such as max-pool and reshape) or
 ``None`` (float). ``check`` is an optional predicate that returns the *reason* it refuses,
-or None; the same predicate can serve the quantizer and an exporter.
+or None; the same predicate can serve the quantizer and an exporter (see :data:`Check`).
 
-Adding an operator to a backend is one entry in its table.
+Rules are tried in table order and the first that matches a node wins, so a fused pattern
+(``conv_relu``) comes before the pattern of its anchor alone (``conv``); :class:`Backend`
+refuses a table in which an earlier rule would take the nodes a later one fuses. Backends
+share one base table and state their differences with :func:`derive_rules`. Adding an
+operator to a backend is one entry in its table.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, Sequence
+from typing import Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 import torch.fx
@@ -36,6 +41,11 @@ from qgraph.quant.specs import Int32Bias, PerGroup, QuantSpec
 InputRole = Literal["act", "weight", "bias", "follow", "follow_or_act", "list_shared"]
 OutputRole = Optional[Literal["act", "shared"]]
 Check = Callable[[torch.fx.GraphModule, list[torch.fx.Node]], Optional[str]]
+"""``check(gm, chain)``: None when the rule may quantize the matched ``chain`` (anchor first),
+else the reason in words. A plain string, not a typed record: the same predicate answers an
+exporter that only asks yes or no. The annotate pass files the reason as a
+:class:`~qgraph.core.meta.Refusal` of kind ``CHECK_FAILED`` (``OpRule.check``) or
+``DYNAMIC_UNSUPPORTED`` (``OpRule.dynamic_check``)."""
 
 
 @dataclass(frozen=True)
@@ -142,11 +152,60 @@ class Backend:
     """The runtime chooses a dynamic linear's input range per row (XNNPACK's ``qd8``), so the
     faithful default quantizes linear inputs per token (convs stay per tensor)."""
 
+    def __post_init__(self) -> None:
+        twice = sorted(name for name, n in Counter(r.name for r in self.rules).items() if n > 1)
+        if twice:
+            raise ConfigError(f"backend {self.name!r}: rule names {twice} appear more than once; name each rule once")
+        for i, early in enumerate(self.rules):
+            for late in self.rules[i + 1 :]:
+                why = _takes_nodes_of(early, late)
+                if why:
+                    raise ConfigError(
+                        f"backend {self.name!r}: rule {early.name!r} comes before {late.name!r} but {why}, "
+                        f"so {late.name!r} would never match there; put {late.name!r} first"
+                    )
+
     def covered_ops(self) -> frozenset:
         ops: set = set()
         for rule in self.rules:
             ops |= rule.anchor_ops
         return frozenset(ops)
+
+
+def _takes_nodes_of(early: OpRule, late: OpRule) -> str | None:
+    """Why ``early``, tried first, would annotate the nodes ``late`` needs, or None.
+
+    The first rule to match a node wins: a rule with the same anchor and a shorter chain
+    takes every anchor the longer one would fuse, and a rule anchored on an op that a later
+    rule fuses after its anchor takes that op out of the later chain.
+    """
+    if early.anchor_ops & late.anchor_ops and len(early.chain) < len(late.chain):
+        return "it matches the same anchor ops with a shorter chain"
+    if any(early.anchor_ops & ops for ops in late.chain[1:]):
+        return f"it is anchored on ops that {late.name!r} fuses after its anchor"
+    return None
+
+
+def derive_rules(
+    base: Sequence[OpRule], *, remove: Sequence[str] = (), add_before: Mapping[str, OpRule] | None = None
+) -> tuple[OpRule, ...]:
+    """``base`` less the rules named in ``remove``, with each rule of ``add_before`` placed
+    just before the base rule it is keyed by (``{"mul": mul_relu}``: the fused pattern is
+    tried before the anchor alone). Every other rule keeps its place and is the base's object.
+    A name that is not in ``base`` is an error, so a renamed base rule cannot silently
+    leave a backend's difference unapplied."""
+    add_before = dict(add_before or {})
+    names = [r.name for r in base]
+    unknown = sorted((set(remove) | set(add_before)) - set(names))
+    if unknown:
+        raise ConfigError(f"derive_rules: {unknown} name no rule of the base table {names}")
+    derived: list[OpRule] = []
+    for rule in base:
+        if rule.name in add_before:
+            derived.append(add_before[rule.name])
+        if rule.name not in remove:
+            derived.append(rule)
+    return tuple(derived)
 
 
 def has_float_output(node: object) -> bool:

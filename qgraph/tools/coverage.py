@@ -3,9 +3,9 @@
 For a prepared or converted graph, every conv, linear and matmul is listed with its MACs
 per sample and whether it is quantized. A layer is quantized when its activation input and
 (for conv / linear) its weight pass through a quantizer: an observer / fake-quant module in
-a prepared graph, a ``dequantize`` op in a converted one. A float layer carries the reasons
-the backend's rules gave (``node.meta['qgraph_refusals']``, written by the annotate pass)
-or "kept in float by the config".
+a prepared graph, a ``dequantize`` op in a converted one. A float layer carries the
+:class:`~qgraph.core.meta.Refusal` list the backend's rules gave (``node.meta['qgraph_refusals']``,
+written by the annotate pass and by ``add_lora``), and a reason in words made from it.
 
 MACs per sample: conv ``prod(out[1:]) * C_in / groups * prod(kernel)``; linear
 ``prod(out[1:]) * in_features``; matmul ``prod(out[1:]) * K``.
@@ -21,7 +21,7 @@ import torch.fx
 from tabulate import tabulate
 
 from qgraph.core.graph import module_path
-from qgraph.core.meta import REFUSALS_KEY
+from qgraph.core.meta import REFUSALS_KEY, Refusal
 from qgraph.core.opsets import CONV_OPS, DEQUANTIZE_OPS, DYNAMIC_DEQUANTIZE_OPS, LINEAR_OPS, MATMUL_OPS, MM_OPS
 from qgraph.observers.base import QUANTIZER_TYPES
 
@@ -37,6 +37,8 @@ class LayerCoverage:
     macs: int
     quantized: bool
     reason: str = ""
+    refusals: tuple[Refusal, ...] = ()
+    """Why each rule refused a float layer (rule, reason, kind); empty when no rule was tried."""
 
 
 @dataclass
@@ -97,10 +99,9 @@ def coverage(model: torch.fx.GraphModule, pte_report=None) -> CoverageReport:
             continue
         operands = node.args[:2]
         quantized = all(_is_quantized_input(model, a) for a in operands)
-        reason = ""
-        if not quantized:
-            refusals = node.meta.get(REFUSALS_KEY)
-            reason = "; ".join(f"{rule}: {why}" for rule, why in refusals) if refusals else "no rule or kept in float by the config"
+        refusals = () if quantized else tuple(node.meta.get(REFUSALS_KEY, ()))
+        reason = "; ".join(map(str, refusals)) or ("" if quantized else "no rule or kept in float by the config")
         op = str(node.target).split(".")[1] if "." in str(node.target) else str(node.target)
-        report.layers.append(LayerCoverage(node.name, module_path(node), op, layer_macs(node), quantized, reason))
+        layer = LayerCoverage(node.name, module_path(node), op, layer_macs(node), quantized, reason, refusals)
+        report.layers.append(layer)
     return report

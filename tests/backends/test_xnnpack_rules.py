@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import qgraph
-from qgraph.backends.rules.xnnpack import RULES
+from qgraph.backends.rules.xnnpack import XNNPACK
 from qgraph.core.meta import ANNOTATION_KEY
 from qgraph.demo import output_scale
 
@@ -65,7 +65,7 @@ def test_each_rule_of_the_table_matches_somewhere(converted_every_rule):
     _, prepared, _, _, _ = converted_every_rule
     used = {n.meta[ANNOTATION_KEY].rule for n in prepared.graph.nodes if ANNOTATION_KEY in n.meta}
     # Rules that need a weight-only scheme (the embedding table) are covered in tests/test_llm.py.
-    assert used == {r.name for r in RULES if not r.needs_weight_only}
+    assert used == {r.name for r in XNNPACK.rules if not r.needs_weight_only}
 
 
 def test_converted_stays_close_to_float_and_runs_in_executorch(converted_every_rule):

@@ -7,6 +7,7 @@ import torch
 
 import qgraph
 from qgraph import PassError, PassOrderError
+from qgraph.backends.rules.xnnpack import XNNPACK
 from qgraph.core.pass_manager import Pass, PassManager, PassResult
 from qgraph.passes.prepare.annotate import Annotate
 from qgraph.passes.prepare.insert_quantizers import InsertQuantizers
@@ -32,8 +33,58 @@ class _Nothing(Pass):
 
 
 def test_order_is_checked_when_the_pipeline_is_built():
-    with pytest.raises(PassOrderError, match="InsertQuantizers requires ResolveSpecs"):
-        PassManager([InsertQuantizers(is_qat=True), ResolveSpecs()])
+    wrong_order = r"InsertQuantizers requires ResolveSpecs to run before it.*runs only \[Annotate\] before it"
+    with pytest.raises(PassOrderError, match=wrong_order):
+        PassManager([Annotate(XNNPACK, is_qat=True), InsertQuantizers(is_qat=True), ResolveSpecs()])
+    PassManager([Annotate(XNNPACK, is_qat=True), ResolveSpecs(), InsertQuantizers(is_qat=True)])  # in order: accepted
+
+
+def test_a_required_pass_missing_from_the_pipeline_is_named():
+    with pytest.raises(PassOrderError, match=r"ResolveSpecs requires Annotate, which the pipeline .* does not run"):
+        PassManager([ResolveSpecs(), InsertQuantizers(is_qat=True)])
+
+
+class _First(Pass):
+    name = "first"
+
+
+class _Second(Pass):
+    name = "second"
+    requires = (_First,)
+
+
+class _Third(Pass):
+    name = "third"
+    requires = (_Second,)
+
+
+def test_a_cycle_in_requires_is_named(monkeypatch):
+    monkeypatch.setattr(_First, "requires", (_Third,))
+    # The cycle is found from the passes' declarations even with only one of them in the pipeline.
+    with pytest.raises(PassOrderError, match=r"cycle \((_First|_Second|_Third) -> .* -> \1\)") as info:
+        PassManager([_Third()])
+    assert all(name in str(info.value) for name in ("_First", "_Second", "_Third"))
+    monkeypatch.setattr(_First, "requires", (_First,))
+    with pytest.raises(PassOrderError, match=r"cycle \(_First -> _First\)"):
+        PassManager([_First()])
+
+
+class _FirstVariant(_First):
+    name = "first_variant"
+
+
+def test_a_subclass_of_a_required_pass_meets_the_requirement():
+    PassManager([_FirstVariant(), _Second()])
+    with pytest.raises(PassOrderError, match="_Second requires _First to run before it"):
+        PassManager([_Second(), _FirstVariant()])
+
+
+def test_requires_are_checked_transitively_only_for_cycles():
+    # _Third requires _Second requires _First: a pipeline of the three in order is accepted; one
+    # without _First is refused at _Second, which requires it directly.
+    PassManager([_First(), _Second(), _Third()])
+    with pytest.raises(PassOrderError, match="_Second requires _First, which the pipeline"):
+        PassManager([_Second(), _Third()])
 
 
 def test_failing_pass_is_named_with_the_passes_before_it(conv_bn_net, image_batch):

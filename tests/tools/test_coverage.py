@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import qgraph
+from qgraph.core.meta import Refusal, RefusalKind
 from qgraph.tools.coverage import coverage
 
 
@@ -24,7 +25,14 @@ def test_float_layer_is_listed_with_its_reason(conv_bn_net, image_batch):
     p = qgraph.prepare_ptq(conv_bn_net, (image_batch,), config=qgraph.QConfig().set_module_name("fc", None))
     report = coverage(p)
     (fc,) = report.float_layers()
-    assert fc.module == "fc" and "scheme None" in fc.reason
+    assert fc.module == "fc"
+    # linear_relu does not match (no relu after fc); linear does, but the config keeps it float.
+    # The reason in words is made of the same refusals.
+    assert [(r.rule, r.kind) for r in fc.refusals] == [
+        ("linear_relu", RefusalKind.NOT_MATCHED),
+        ("linear", RefusalKind.CONFIG_FLOAT),
+    ]
+    assert fc.reason == "; ".join(str(r) for r in fc.refusals)
     assert report.integer_mac_fraction == pytest.approx((512 * 27 + 512 * 72) / (512 * 27 + 512 * 72 + 640))
     assert "integer MACs" in report.to_text()
 
@@ -39,3 +47,13 @@ def test_unquantizable_matmul_reason(image_batch):
     report = coverage(p)
     assert len(report.layers) == 1 and not report.layers[0].quantized and report.integer_mac_fraction == 0.0
 
+
+
+def test_lora_layers_are_float_with_the_lora_refusal(conv_bn_net, image_batch):
+    p = qgraph.prepare_ptq(conv_bn_net, (image_batch,))
+    tuned = qgraph.add_lora(p, r=2, targets="fc")
+    lora_layers = [la for la in coverage(tuned).layers if not la.quantized]
+    assert len(lora_layers) == 2  # the adapter's down and up projections
+    for layer in lora_layers:
+        (refusal,) = layer.refusals
+        assert isinstance(refusal, Refusal) and refusal.kind is RefusalKind.LORA and refusal.rule == "lora"

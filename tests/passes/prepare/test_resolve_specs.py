@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import networkx as nx
+import pytest
 import torch
 from torch import nn
 
 import qgraph
 from qgraph.backends.rules.xnnpack import XNNPACK
+from qgraph.core.errors import ConfigError
 from qgraph.core.meta import ANNOTATION_KEY, GROUPS_KEY
 from qgraph.passes.prepare.annotate import Annotate
 from qgraph.passes.prepare.fold_conv_bn import FoldConvBn
-from qgraph.passes.prepare.resolve_specs import ResolveSpecs
+from qgraph.passes.prepare.resolve_specs import ResolveSpecs, agreed_spec
 from qgraph.quant.specs import QuantAnnotation, QuantSpec, SharedSpec
 
 
@@ -84,3 +87,33 @@ def test_a_chain_of_shared_specs_is_one_group_with_the_root_spec(image_batch):
     assert group.spec == four_bit and group.outputs == [add.name]
     assert sorted(group.edges) == sorted([(relu.name, add.name), (sigmoid.name, add.name)])
     assert not ResolveSpecs()(result.graph_module).modified  # same groups again
+
+
+def test_two_specs_tied_together_are_an_error_that_names_the_chain():
+    """Points a and b, with different specs, tied through the two input edges of a cat: the
+    error names both points, both specs and each tie on the shortest path between them.
+
+    One annotation per node gives each point one spec and each shared spec names one other
+    point, so annotations cannot tie two concrete specs (a component with k concrete points
+    has at most n - k ties but needs n - 1); the ties are built here as the pass builds them."""
+    int8, four_bit = QuantSpec(), QuantSpec(bits=4)
+    ties = nx.Graph()
+    ties.add_edge(("a", "cat"), "a", why="rule 'cat' at 'cat'")
+    ties.add_edge(("a", "cat"), ("b", "cat"), why="rule 'cat' at 'cat'")
+    ties.add_edge(("b", "cat"), "b", why="rule 'fixed' at 'b'")
+    ties.add_edge(("a", "cat"), "cat", why="rule 'cat' at 'cat'")  # a side branch: not on the path
+    concrete = {"a": int8, "b": four_bit}
+    with pytest.raises(ConfigError) as info:
+        agreed_spec(ties, set(ties), concrete)
+    message = str(info.value)
+    assert message.startswith("output of 'a' and output of 'b' must share one set of qparams")
+    assert f"{int8.short()} and {four_bit.short()}" in message
+    chain = (
+        "output of 'a' ~[rule 'cat' at 'cat']~ edge 'a' -> 'cat' ~[rule 'cat' at 'cat']~ edge 'b' -> 'cat' "
+        "~[rule 'fixed' at 'b']~ output of 'b'"
+    )
+    assert f"tied by: {chain}." in message
+    # One concrete spec (or none) in a component is its spec.
+    assert agreed_spec(ties, set(ties), {"a": int8, ("b", "cat"): int8}) == int8
+    assert agreed_spec(ties, set(ties), {}) is None
+
