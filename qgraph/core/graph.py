@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from typing import Iterable
 
 import torch
@@ -41,6 +42,19 @@ SHAPE_OPS = frozenset(
 )
 """Ops that move elements without arithmetic: on integers they give the same codes as on
 the values they stand for, so they share their input's qparams."""
+
+BOOKKEEPING_OPS = frozenset(
+    {
+        operator.getitem,  # one output of a multi-output op or of a delegate call
+        aten.sym_size.int,
+        aten.sym_numel.default,
+        aten.sym_stride.int,
+        aten._assert_scalar.default,
+        aten._assert_tensor_metadata.default,
+    }
+)
+"""Nodes that run no kernel: they pick an element of a tuple or read or check a shape. An
+export report counts them apart from the compute it places inside or outside a delegate."""
 
 PROVENANCE_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn")
 
