@@ -57,7 +57,8 @@ class PteReport:
         rows = [[op, self.delegated[op] or "", self.not_delegated[op] or ""] for op in ops]
         text = head + "\n" + tabulate(rows, headers=["op", "in XNNPACK", "outside"], disable_numparse=True)
         if self.bookkeeping:
-            text += "\nno kernel (bookkeeping): " + ", ".join(f"{op} x{n}" for op, n in sorted(self.bookkeeping.items()))
+            counts = ", ".join(f"{op} x{n}" for op, n in sorted(self.bookkeeping.items()))
+            text += f"\nno kernel (bookkeeping): {counts}"
         return text
 
 

@@ -63,11 +63,14 @@ def _8da4w():
     return qgraph.convert(qgraph.prepare_ptq(TwoLinears().eval(), (x,), config=config)), x
 
 
+STATIC = "weights int8[-127,127] per-channel x3; activations int8[-128,127] per-tensor x6"
+DYNAMIC = "weights int7[-63,63] per-channel x3; activations uint8[0,255] per-tensor dynamic x3"
+LOW_BIT = "weights int4[-8,7] per-group(32) x2; activations int8[-128,127] per-token dynamic x2"
 # name: (build, input name, backend, scheme summary, opset)
 FLOWS = {
-    "static": (_static, "x", "xnnpack", "weights int8[-127,127] per-channel x3; activations int8[-128,127] per-tensor x6", 20),
-    "dynamic": (_dynamic, "x", "x86", "weights int7[-63,63] per-channel x3; activations uint8[0,255] per-tensor dynamic x3", 20),
-    "8da4w": (_8da4w, "tokens", "xnnpack", "weights int4[-8,7] per-group(32) x2; activations int8[-128,127] per-token dynamic x2", 21),
+    "static": (_static, "x", "xnnpack", STATIC, 20),
+    "dynamic": (_dynamic, "x", "x86", DYNAMIC, 20),
+    "8da4w": (_8da4w, "tokens", "xnnpack", LOW_BIT, 21),
 }
 
 
@@ -170,7 +173,7 @@ def test_several_inputs_and_outputs_of_a_float_model(tmp_path):
     """A float nn.Module: names from ``forward``'s signature, ``output_0`` / ``output_1`` for
     two outputs that the exporter gave one value (each gets its own), backend ``none``."""
     image, mask = torch.randn(3, 1, 4, 4), torch.rand(3, 16)
-    path = qgraph.export_onnx(TwoInTwoOut(), (image, mask), tmp_path / "two.onnx")
+    path = qgraph.export_onnx(TwoInTwoOut().eval(), (image, mask), tmp_path / "two.onnx")
     model = onnx.load(path)
     onnx.checker.check_model(model, full_check=True)
     assert [i.name for i in model.graph.input] == ["image", "mask"]
