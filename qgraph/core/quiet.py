@@ -139,8 +139,8 @@ _STDERR = _Stderr()
 
 @contextlib.contextmanager
 def quiet(native_stderr: bool = False) -> Iterator[None]:
-    """Drop the known log records and warnings in the block; with ``native_stderr=True`` also
-    keep what is written to descriptor 2 (C++ log lines) unless the block fails.
+    """Drop the known log records and warnings in the block; with ``native_stderr=True``, also
+    keep what is written to descriptor 2 (C++ log lines) off the terminal unless the block fails.
 
     Redirecting descriptor 2 hides every write to stderr, Python's own included, so it is for
     calls that are known to print from C++ (loading an ExecuTorch program), not for whole
