@@ -9,12 +9,14 @@ steps, file sizes, and batch-1 latency.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tabulate import tabulate
+from tqdm.auto import tqdm
 
 import qgraph
 from qgraph.backends.executorch.emitter import write_pte
@@ -68,15 +70,18 @@ W3A4 98.24 after 5 epochs, 98.99 after 10 (fp32 99.50); torchao with the same re
 96.73 and 98.99."""
 
 
-def _qat(model, data, example, epochs: int, progress: bool, config=None):
+def _qat(model, data, example, epochs: int, progress: bool, label: str, config=None):
     qat = qgraph.prepare_qat(model, example, config=config)
-    train_qat(qat, data.x_train, data.y_train, epochs, qgraph.freeze_bn_stats, qgraph.freeze_observers, progress=progress)
+    freeze_bn, freeze_ranges = qgraph.freeze_bn_stats, qgraph.freeze_observers
+    train_qat(qat, data.x_train, data.y_train, epochs, freeze_bn, freeze_ranges, progress=progress, desc=f"{label}: train")
     return qat.eval()
 
 
-def _ptq(model, data, example, progress: bool, config=None):
+def _ptq(model, data, example, progress: bool, label: str, config=None):
     ptq = qgraph.prepare_ptq(model, example, config=config)
-    qgraph.calibrate(ptq, [xb for xb, _ in batches(data.x_train, data.y_train, 64, shuffle=False)], progress=progress)
+    calibration = [xb for xb, _ in batches(data.x_train, data.y_train, 64, shuffle=False)]
+    bar = tqdm(calibration, desc=f"{label}: calibrate", unit="batch", leave=False, disable=not progress)
+    qgraph.calibrate(ptq, bar, progress=False)
     return qgraph.convert(ptq)
 
 
@@ -85,25 +90,33 @@ def run_demo(
     fp32_epochs: int = 15,
     qat_epochs: int = 5,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | None = None,
     low_bits: tuple[tuple[int, int], ...] = LOW_BITS,
 ) -> DemoResult:
     """Train, quantize (PTQ and QAT), export and run the digits CNN; return every figure.
 
     ``low_bits`` adds PTQ and QAT rows at those (weight, activation) bit widths (PyTorch
-    only: XNNPACK runs 8-bit kernels); their QAT trains ``LOW_BIT_EPOCH_FACTOR × qat_epochs``."""
+    only: XNNPACK runs 8-bit kernels); their QAT trains ``LOW_BIT_EPOCH_FACTOR × qat_epochs``.
+    Progress bars name the row they work for and are cleared when done, before the table is
+    printed; ``progress=None`` shows them only when stderr is a terminal (a log file gets
+    none)."""
+    if progress is None:
+        progress = sys.stderr.isatty()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = load_digits_split(seed)
     res = DemoResult()
     torch.manual_seed(seed)
 
-    model = train_epochs(DigitsCNN(), data.x_train, data.y_train, fp32_epochs, lr=3e-3, desc="fp32", progress=progress)
+    model = train_epochs(
+        DigitsCNN(), data.x_train, data.y_train, fp32_epochs, lr=3e-3, desc="fp32: train", progress=progress
+    )
     res.accuracy["fp32"] = accuracy(model, data.x_test, data.y_test)
     example = (data.x_train[:64],)
 
-    res.accuracy["PTQ int8 (converted)"] = accuracy(_ptq(model, data, example, progress), data.x_test, data.y_test)
-    qat = _qat(model, data, example, qat_epochs, progress)
+    ptq = _ptq(model, data, example, progress, "PTQ int8")
+    res.accuracy["PTQ int8 (converted)"] = accuracy(ptq, data.x_test, data.y_test)
+    qat = _qat(model, data, example, qat_epochs, progress, "QAT int8")
     res.accuracy["QAT int8 fake-quant (eval)"] = accuracy(qat, data.x_test, data.y_test)
     converted = qgraph.convert(qat)
     res.accuracy["QAT int8 converted"] = accuracy(converted, data.x_test, data.y_test)
@@ -123,13 +136,13 @@ def run_demo(
         res.steps_from_converted[".onnx"] = (run_onnx(data.x_test) - reference).abs().max().item() / step
 
     for w_bits, a_bits in low_bits:
+        bits = f"W{w_bits}A{a_bits}"
         config = qgraph.QConfig(scheme=xnnpack_scheme(False, w_bits, a_bits))
-        res.accuracy[f"PTQ W{w_bits}A{a_bits} (converted)"] = accuracy(
-            _ptq(model, data, example, progress, config), data.x_test, data.y_test
-        )
+        low = _ptq(model, data, example, progress, f"PTQ {bits}", config)
+        res.accuracy[f"PTQ {bits} (converted)"] = accuracy(low, data.x_test, data.y_test)
         config = qgraph.QConfig(scheme=xnnpack_scheme(True, w_bits, a_bits))
-        low = _qat(model, data, example, LOW_BIT_EPOCH_FACTOR * qat_epochs, progress, config)
-        res.accuracy[f"QAT W{w_bits}A{a_bits} (converted)"] = accuracy(qgraph.convert(low), data.x_test, data.y_test)
+        low = _qat(model, data, example, LOW_BIT_EPOCH_FACTOR * qat_epochs, progress, f"QAT {bits}", config)
+        res.accuracy[f"QAT {bits} (converted)"] = accuracy(qgraph.convert(low), data.x_test, data.y_test)
 
     fp32_pte = write_pte(torch.export.export(model, (data.x_test[:1],)), out / "digits_fp32.pte")
     res.sizes = {"digits_fp32.pte": fp32_pte.size_bytes, "digits_int8.pte": pte.size_bytes,

@@ -8,28 +8,58 @@ kernel for (and fp32 ops it supports), the rest runs on ExecuTorch's portable ke
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from tabulate import tabulate
 
 from qgraph.core.files import atomic_write_bytes
+from qgraph.core.opsets import BOOKKEEPING_OPS
+from qgraph.core.quiet import quiet
 
 
 @dataclass
 class PteReport:
-    """What went into a ``.pte``: path, size and which ops the delegate took."""
+    """What went into a ``.pte``: path, size and where its ops run.
+
+    ``delegated`` / ``not_delegated`` count compute ops inside the XNNPACK delegate and on
+    ExecuTorch's portable or quantized kernels, per op (ExecuTorch's names, e.g.
+    ``aten_convolution_default``). ``bookkeeping`` counts nodes that run no kernel
+    (:data:`~qgraph.core.opsets.BOOKKEEPING_OPS`: the ``getitem`` that unpacks a delegate's
+    outputs), which are neither. ``str(report)`` is a short table.
+    """
 
     path: str
     size_bytes: int
     delegated: Counter = field(default_factory=Counter)
     not_delegated: Counter = field(default_factory=Counter)
+    bookkeeping: Counter = field(default_factory=Counter)
 
     @property
     def delegated_fraction(self) -> float:
+        """Share of the compute ops that run inside the delegate."""
         total = sum(self.delegated.values()) + sum(self.not_delegated.values())
         return sum(self.delegated.values()) / total if total else 0.0
+
+    def __str__(self) -> str:
+        inside, outside = sum(self.delegated.values()), sum(self.not_delegated.values())
+        head = (
+            f"{self.path}: {self.size_bytes / 1024:.1f} KiB; {inside} of {inside + outside} compute ops "
+            f"inside the XNNPACK delegate ({100 * self.delegated_fraction:.1f} %)"
+        )
+        ops = sorted(
+            {*self.delegated, *self.not_delegated},
+            key=lambda op: (-self.not_delegated[op], -self.delegated[op], op),
+        )
+        rows = [[op, self.delegated[op] or "", self.not_delegated[op] or ""] for op in ops]
+        text = head + "\n" + tabulate(rows, headers=["op", "in XNNPACK", "outside"], disable_numparse=True)
+        if self.bookkeeping:
+            counts = ", ".join(f"{op} x{n}" for op, n in sorted(self.bookkeeping.items()))
+            text += f"\nno kernel (bookkeeping): {counts}"
+        return text
 
 
 def lower(program: torch.export.ExportedProgram):
@@ -71,33 +101,52 @@ def _xnnpack_partitioner():
     return XnnpackPartitioner(configs=configs)
 
 
-def delegation_counts(edge) -> tuple[Counter, Counter]:
-    """Per-op counts of nodes inside and outside the delegate (edge-dialect op names)."""
-    from executorch.devtools.backend_debug import get_delegation_info
+def delegation_counts(edge) -> tuple[Counter, Counter, Counter]:
+    """Per-op counts of compute nodes inside and outside the delegate, and of bookkeeping
+    nodes (anywhere). Ops are classified by op object; they are keyed by ExecuTorch's names
+    (the node name without its ``_<n>`` suffix, as ``get_delegation_info`` writes them)."""
+    from executorch.exir.delegate import executorch_call_delegate
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
 
-    info = get_delegation_info(edge.exported_program().graph_module)
-    inside, outside = Counter(), Counter()
-    for op, row in info.delegation_by_operator.items():
-        if row.delegated:
-            inside[op] = row.delegated
-        if row.non_delegated:
-            outside[op] = row.non_delegated
-    return inside, outside
+    gm = edge.exported_program().graph_module
+    inside, outside, bookkeeping = Counter(), Counter(), Counter()
+
+    def count(node: torch.fx.Node, compute: Counter) -> None:
+        (bookkeeping if node.target in BOOKKEEPING_OPS else compute)[re.sub(r"_\d+$", "", node.name)] += 1
+
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and isinstance(lowered := getattr(gm, str(node.target)), LoweredBackendModule):
+            for inner in lowered.original_module.graph.nodes:
+                if inner.op == "call_function":
+                    count(inner, inside)
+        elif node.op == "call_function" and node.target is not executorch_call_delegate:
+            count(node, outside)
+    return inside, outside, bookkeeping
 
 
 def write_pte(program: torch.export.ExportedProgram, path: str | os.PathLike) -> PteReport:
-    edge = lower(program)
-    inside, outside = delegation_counts(edge)
-    buffer = edge.to_executorch().buffer
+    with quiet():
+        edge = lower(program)
+        counts = delegation_counts(edge)
+        buffer = edge.to_executorch().buffer
     atomic_write_bytes(path, buffer)
-    return PteReport(str(path), len(buffer), inside, outside)
+    return PteReport(str(path), len(buffer), *counts)
 
 
 def load_pte(path: str | os.PathLike) -> Callable[..., Any]:
-    """A callable that runs ``forward`` of the ``.pte`` in the ExecuTorch runtime."""
-    from executorch.runtime import Runtime
+    """A callable that runs ``forward`` of the ``.pte`` in the ExecuTorch runtime.
 
-    method = Runtime.get().load_program(str(path)).load_method("forward")
+    Loading runs under :func:`~qgraph.core.quiet.quiet` with ``native_stderr``: the
+    runtime's C++ log lines (its CPU probe when the runtime starts) stay off stderr unless
+    loading fails. Calls are left
+    alone: a successful ``execute`` writes nothing, a failing one should be heard, and
+    redirecting stderr costs tens of microseconds per call (measured here: more than a
+    small program's whole ``execute``), which every latency figure would carry.
+    """
+    with quiet(native_stderr=True):
+        from executorch.runtime import Runtime
+
+        method = Runtime.get().load_program(str(path)).load_method("forward")
 
     def run(*args: torch.Tensor):
         outputs = method.execute([a.contiguous() for a in args])

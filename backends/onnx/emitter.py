@@ -2,7 +2,8 @@
 
 ``torch.onnx.export(dynamo=True)`` maps ``quantized_decomposed.quantize_per_*`` /
 ``dequantize_per_*`` to ``QuantizeLinear`` / ``DequantizeLinear``; ONNX Runtime's graph
-optimizer then fuses ``DQ → Conv → Q`` into integer kernels. The batch axis stays dynamic.
+optimizer then fuses ``DQ → Conv → Q`` into integer kernels. The file's interface (input and
+output names, the ``batch`` axis, metadata) is set by :mod:`qgraph.backends.onnx.interface`.
 
 Dynamic quantization has no ONNX translation in ``torch.onnx``; :func:`dynamic_translations`
 supplies them (see :mod:`qgraph.backends.onnx.dynamic`); group-wise int4 / int8 weights
@@ -14,22 +15,55 @@ mean of uint8 codes becomes ``GlobalAveragePool``, which ONNX Runtime fuses into
 from __future__ import annotations
 
 import os
-import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from qgraph.backends.onnx import interface
 from qgraph.backends.onnx.dynamic import dynamic_translations
 from qgraph.backends.onnx.global_pool import use_global_average_pool
 from qgraph.backends.onnx.lowbit import group_translations, needs_opset
+from qgraph.core.errors import ConfigError
 from qgraph.core.files import atomic_path
+from qgraph.core.quiet import quiet, verbose
+
+DEFAULT_OPSET = 20
+"""The opset written when the model needs no newer one: ``torch.onnx``'s default (torch 2.14),
+which ONNX Runtime runs since 1.16."""
+MIN_OPSET = 18
+"""``torch.onnx`` translates into opset 18 and later; an older opset would go through a
+version converter that may fail, so it is refused."""
 
 
-def write_onnx(model: torch.nn.Module, args: Sequence[Any], dynamic_shapes: Any, path: str | os.PathLike) -> str:
+def write_onnx(
+    model: torch.nn.Module,
+    args: Sequence[Any],
+    dynamic_shapes: Any,
+    path: str | os.PathLike,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    opset: int | None = None,
+    properties: Mapping[str, str] | None = None,
+) -> str:
+    """Export ``model`` with ``torch.onnx`` and write it to ``path`` atomically.
+
+    The interface is named as :mod:`qgraph.backends.onnx.interface` says (defaults: the
+    ``forward`` arguments, ``output`` / ``output_<i>``, ``batch``); ``properties``
+    (``qgraph.version``, ``qgraph.backend``, ``qgraph.scheme``) go into ``metadata_props``
+    with the opset and the exporter. The file passes ``onnx.checker.check_model`` with
+    ``full_check`` (shape inference included) before it replaces anything at ``path``.
+    """
     import onnx
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    opset = resolve_opset(model, opset)
+    if input_names is not None:
+        input_names = interface.check_names("input_names", input_names, interface.tensor_count(args))
+    if output_names is not None:
+        output_names = interface.check_names("output_names", output_names)
+    if input_names is not None and output_names is not None:
+        interface.check_disjoint(input_names, output_names)
+    with quiet():
         program = torch.onnx.export(
             model,
             tuple(args),
@@ -38,15 +72,50 @@ def write_onnx(model: torch.nn.Module, args: Sequence[Any], dynamic_shapes: Any,
             verbose=False,
             optimize=True,
             custom_translation_table={**dynamic_translations(), **group_translations()},
-            opset_version=needs_opset(model),
+            opset_version=opset,
         )
+    graph = program.model.graph
+    found_in, found_out = [v.name for v in graph.inputs], [v.name for v in graph.outputs]
+    if input_names is None:
+        input_names = interface.default_input_names(model, args)
+        if len(input_names) != len(found_in):  # arguments the exporter folded or split: keep its names
+            input_names = found_in
+    input_names = interface.check_names("input_names", input_names, len(found_in), found_in)
+    if output_names is None:
+        output_names = interface.default_output_names(len(found_out), taken=input_names)
+    output_names = interface.check_names("output_names", output_names, len(found_out), found_out)
+    interface.name_interface(program.model, input_names, output_names)
+    program.rename_axes(interface.axis_names(program.model))
+    interface.set_metadata(program.model, interface.metadata(model, opset, properties))
     with atomic_path(path) as tmp:
         program.save(str(tmp))
         proto = onnx.load(str(tmp))
         if use_global_average_pool(proto):
             onnx.save(proto, str(tmp))
-        onnx.checker.check_model(str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
     return str(path)
+
+
+def resolve_opset(model: torch.nn.Module, opset: int | None) -> int:
+    """``opset``, checked against what ``torch.onnx`` writes and what the model needs (21 for
+    group-wise weights); ``None`` is the lowest the model allows, at least :data:`DEFAULT_OPSET`."""
+    import onnx
+
+    needed = needs_opset(model) or MIN_OPSET
+    if opset is None:
+        return max(needed, DEFAULT_OPSET)
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ConfigError(
+            f"export_onnx(opset={opset!r}): choose an integer opset from {MIN_OPSET} (the oldest torch.onnx "
+            f"writes) to {newest} (the newest the installed onnx knows)"
+        )
+    if opset < needed:
+        raise ConfigError(
+            f"export_onnx(opset={opset}): this model has group-wise (int4 / int8) weights, which need "
+            f"DequantizeLinear with block_size, first in opset {needed}; pass opset={needed} or later"
+        )
+    return opset
 
 
 def load_onnx(path: str | os.PathLike, optimize: bool = True, spin: bool = True) -> Callable[..., Any]:
@@ -61,6 +130,8 @@ def load_onnx(path: str | os.PathLike, optimize: bool = True, spin: bool = True)
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not verbose():
+        options.log_severity_level = 3  # errors only: ONNX Runtime's warnings go to fd 2 from C++
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if not spin:

@@ -6,7 +6,7 @@ Files are written atomically: a failure leaves no partial file and an existing f
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
@@ -16,9 +16,12 @@ from qgraph.backends.executorch import emitter as executorch_emitter
 from qgraph.backends.executorch.emitter import PteReport
 from qgraph.backends.executorch.lowbit import UseEmbeddingKernels, group_weight_blocker
 from qgraph.backends.onnx import emitter as onnx_emitter
+from qgraph.backends.onnx import interface as onnx_interface
 from qgraph.core.errors import ConfigError
 from qgraph.core.graph import copy_graph_module
+from qgraph.core.meta import CONVERTED_KEY
 from qgraph.core.pass_manager import PassManager
+from qgraph.core.version import __version__
 from qgraph.passes.export.fold_bias_dequantize import FoldBiasDequantize
 from qgraph.passes.export.lower_dynamic_to_integer import LowerDynamicToInteger
 from qgraph.passes.export.shift_uint8_to_int8 import ShiftUint8ToInt8
@@ -68,18 +71,55 @@ def lower_for_xnnpack(quantized: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return PassManager(passes, stage="export_pte")(copy_graph_module(quantized))
 
 
-def export_onnx(quantized: torch.nn.Module, example_inputs: Any, path: str | os.PathLike) -> str:
+def export_onnx(
+    quantized: torch.nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    opset: int | None = None,
+) -> str:
     """Write ``quantized`` as an ONNX QDQ model with a dynamic batch axis; returns the path.
+
+    The file's interface does not depend on the quantization scheme: inputs are named after
+    the model's ``forward`` arguments (``input_names`` to choose), outputs ``output`` or
+    ``output_0`` ... (``output_names``), and the dynamic batch axis ``batch`` (it stays static
+    when the example batch is 1: ``torch.export`` specializes it). ``opset`` defaults to 20,
+    or 21 where group-wise weights need it. ``metadata_props`` carry ``qgraph.version``,
+    ``qgraph.backend``, ``qgraph.scheme`` (a summary of the quantized tensors),
+    ``qgraph.opset`` and ``qgraph.exporter``; the file passes ``onnx.checker.check_model``
+    with ``full_check=True``.
 
     Dynamically quantized linears and convs are written in ONNX Runtime's
     ``quantize_dynamic`` form (``DynamicQuantizeLinear`` + ``MatMulInteger`` /
     ``ConvInteger``), see :func:`lower_for_onnx`.
     """
     _check_converted(quantized)
+    properties = {
+        "qgraph.version": __version__,
+        "qgraph.backend": _backend_of(quantized),
+        "qgraph.scheme": onnx_interface.quantization_summary(quantized),
+    }
     if isinstance(quantized, torch.fx.GraphModule):
         quantized = lower_for_onnx(quantized)
     args = as_args(example_inputs)
-    return onnx_emitter.write_onnx(quantized, args, batch_dynamic_shapes(args), path)
+    return onnx_emitter.write_onnx(
+        quantized,
+        args,
+        batch_dynamic_shapes(args),
+        path,
+        input_names=input_names,
+        output_names=output_names,
+        opset=opset,
+        properties=properties,
+    )
+
+
+def _backend_of(model: torch.nn.Module) -> str:
+    """The backend whose rules quantized ``model`` (``none`` for a model qgraph did not convert)."""
+    converted = model.meta.get(CONVERTED_KEY) if isinstance(model, torch.fx.GraphModule) else None
+    return converted["backend"] if converted else "none"
 
 
 def lower_for_onnx(quantized: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -16,6 +16,7 @@ from torch.fx.traceback import NodeSource, NodeSourceAction
 aten = torch.ops.aten
 
 
+
 PROVENANCE_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn")
 
 

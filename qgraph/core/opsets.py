@@ -12,6 +12,8 @@ Importing this module registers the ``quantized_decomposed`` ops (torch's
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 
@@ -71,6 +73,21 @@ the values they stand for, so they share their input's qparams."""
 DATA_MOVEMENT_OPS = SHAPE_OPS | {aten.clone.default}
 """Shape ops and copies: the integer reference runs them on codes."""
 SPLIT_OPS = frozenset({aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default})
+
+# --- bookkeeping -----------------------------------------------------------------------
+
+BOOKKEEPING_OPS = frozenset(
+    {
+        operator.getitem,  # one output of a multi-output op or of a delegate call
+        aten.sym_size.int,
+        aten.sym_numel.default,
+        aten.sym_stride.int,
+        aten._assert_scalar.default,
+        aten._assert_tensor_metadata.default,
+    }
+)
+"""Nodes that run no kernel: they pick an element of a tuple or read or check a shape. An
+export report counts them apart from the compute it places inside or outside a delegate."""
 
 # --- train-only ops --------------------------------------------------------------------
 

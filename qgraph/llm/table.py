@@ -1,4 +1,5 @@
-"""The LLM acceptance table: ``python -m qgraph.llm.table`` (rewrites the README section).
+"""The LLM acceptance table: ``python -m qgraph.llm.table`` prints it; ``--readme PATH``
+also rewrites the section between the table markers of that file.
 
 Starting from the fp32 checkpoint (:func:`qgraph.llm.train.load_or_train`), with the 8da4w
 scheme (:func:`qgraph.int8_dynamic_int4_weight`, group size ``G``):
@@ -40,6 +41,7 @@ import torch
 from tabulate import tabulate
 
 import qgraph
+from qgraph.core.errors import ConfigError
 from qgraph.core.files import atomic_write_text
 from qgraph.llm.lora_rows import qat_lora_rows
 from qgraph.llm.rows import LORA_ROWS, Row
@@ -48,7 +50,6 @@ from qgraph.models import pydata
 from qgraph.models.llama import greedy_decode
 from qgraph.recipes.lowbit import llm_config
 
-README = Path("README.md")
 BEGIN, END = "<!-- llm-table:begin -->", "<!-- llm-table:end -->"
 PROMPT = "class Queue:\n    def __init__(self"
 DECODE_TOKENS = 64
@@ -223,9 +224,14 @@ def run_table(
     return result
 
 
-def write_readme(table: LlmTable, readme: str | Path = README) -> bool:
-    """Replace the text between the table markers of ``readme``; False when there are none."""
+def write_readme(table: LlmTable, readme: str | Path) -> bool:
+    """Replace the text between the table markers of ``readme``; False when there are none.
+
+    The file is rewritten atomically; a missing file raises :class:`ConfigError`.
+    """
     path = Path(readme)
+    if not path.is_file():
+        raise ConfigError(f"write_readme: {path} is not a file; give the README whose {BEGIN} section to rewrite")
     text = path.read_text(encoding="utf-8")
     if BEGIN not in text or END not in text:
         return False
@@ -240,16 +246,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--finetune-steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--readme", default=str(README), help="README to update ('' to skip)")
+    parser.add_argument(
+        "--readme", default=None, metavar="PATH",
+        help=f"also rewrite the {BEGIN} ... {END} section of this file (default: only print the table)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.readme is not None and not Path(args.readme).is_file():  # checked before an hour of training
+        parser.error(f"--readme {args.readme}: no such file")
     torch.set_num_threads(args.threads)
 
     table = run_table(args.out, args.group_size, args.finetune_steps, extra_rows=(qat_lora_rows,))
     print(table.markdown())
     record = {**asdict(table), "rows": [asdict(r) for r in table.rows], "size_ratio": table.size_ratio}
     atomic_write_text(Path(args.out) / "llm_table.json", json.dumps(record, indent=2))
-    if args.readme and not write_readme(table, args.readme):
-        print(f"(no {BEGIN} … {END} markers in {args.readme}; README not changed)")
+    if args.readme is not None and not write_readme(table, args.readme):
+        print(f"(no {BEGIN} … {END} markers in {args.readme}; it was not changed)")
     return 0
 
 

@@ -61,6 +61,7 @@ def train_qat(
     freeze_observers: Callable[[nn.Module], object],
     lr: float = 1e-3,
     progress: bool = True,
+    desc: str = "QAT",
 ) -> nn.Module:
     """QAT with the usual schedule: BN statistics frozen for the last two epochs, observers
     (ranges) for the last one, so the final epoch trains against fixed qparams.
@@ -75,7 +76,7 @@ def train_qat(
         if epoch == epochs - 1:
             freeze_observers(prepared)
 
-    return train_epochs(prepared, x, y, epochs, lr=lr, on_epoch=schedule, desc="QAT", progress=progress)
+    return train_epochs(prepared, x, y, epochs, lr=lr, on_epoch=schedule, desc=desc, progress=progress)
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 from tabulate import tabulate
+from tqdm.auto import tqdm
 
 from qgraph.api.capture import as_args
 from qgraph.api.export import export_onnx, export_pte, load_onnx, load_pte
@@ -416,6 +417,7 @@ def check(
     tolerance: float = 0.0,
     verbose: bool = True,
     workdir: str | os.PathLike | None = None,
+    progress: Optional[bool] = None,
 ) -> CheckReport:
     """Run ``example_inputs`` through every form in ``targets`` and compare them tensor by tensor.
 
@@ -425,7 +427,10 @@ def check(
     is always among the forms. ``target`` picks the reference's rounding (default: the
     runtime of the backend, see :func:`qgraph.lower`). ``.pte`` and ``.onnx`` files go to
     ``workdir`` (a temporary directory by default). The table is printed when ``verbose``;
-    the :class:`CheckReport` is returned either way.
+    the :class:`CheckReport` is returned either way. A progress bar names the form being run
+    (exporting and running ``.pte`` / ``.onnx`` takes seconds): on a terminal by default,
+    always with ``progress=True``, never with ``progress=False``; it is cleared before the
+    table prints.
     """
     if not isinstance(quantized, torch.fx.GraphModule) or "qgraph_converted" not in quantized.meta:
         raise ConfigError("check() takes the model returned by qgraph.convert as `quantized`")
@@ -446,24 +451,33 @@ def check(
     places = _places(quantized)
     values: dict[str, _FormValues] = {}
     isolated: dict[str, dict[str, tuple[float, float]]] = {}
-    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+    disable = None if progress is None else not progress
+    bar = tqdm(total=len(forms), desc="check", unit="form", leave=False, disable=disable)
+    with bar, torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
         folder = str(workdir) if workdir is not None else tmp
         os.makedirs(folder, exist_ok=True)
+        bar.set_postfix_str("converted")
         values["converted"], converted_codes = _run_converted(quantized, args, places)
+        bar.update()
         if "fake_quant" in forms:
+            bar.set_postfix_str("fake_quant")
             values["fake_quant"] = _run_fake_quant(model, quantized, args, places)
+            bar.update()
         lowered = {target: lower(quantized, target)}
         if "reference" in forms:
+            bar.set_postfix_str("reference")
             isolated["converted"] = _isolated(lowered[target], args, converted_codes, places)
-        if "reference" in forms:
             values["reference"] = _run_reference(lowered[target], args, places)
+            bar.update()
         for form in ("pte", "onnx"):
             if form not in forms:
                 continue
+            bar.set_postfix_str(f"export and run .{form}")
             values[form], codes = _run_runtime(form, quantized, args, places, folder)
             rules = RUNTIME_OF_FORM[form]
             ref = lowered[target] if TARGETS[target] == rules else lower(quantized, rules)
             isolated[form] = _isolated(ref, args, codes, places)
+            bar.update()
     report = _report(forms, places, values, isolated, _output_scales(quantized), quantized, lowered[target], tolerance, target)
     if verbose:
         print(report)

@@ -63,6 +63,7 @@ import torch
 import torch.fx
 from tabulate import tabulate
 from torch import nn
+from tqdm.auto import tqdm
 
 from qgraph.api.capture import as_args, capture
 from qgraph.api.modes import eval_mode
@@ -522,6 +523,7 @@ def compare(
     plot_path: str | os.PathLike | None = None,
     *,
     simulate_quantization: bool = True,
+    progress: Optional[bool] = None,
 ) -> LayerErrorReport:
     """SQNR of every quantized activation against the float model, worst point first.
 
@@ -531,14 +533,18 @@ def compare(
     inputs (tensors or tuples of arguments); the first also captures the float model. With
     ``plot_path`` a PNG bar chart is written there. See the module docstring for the math,
     how places are matched and what ``simulate_quantization`` does. Neither model changes.
+    A progress bar counts the batches: on a terminal by default, always with
+    ``progress=True``, never with ``progress=False``.
     """
     setup = _setup(model, prepared_or_quantized, batches)
     if not simulate_quantization and not any(_quantizer_module(setup.quant_gm, p.probe) for p in setup.places):
         raise ConfigError("simulate_quantization=False needs a prepared model; a converted one has no float path")
     energies: dict[torch.fx.Node, _Energy] = {}
     count = 0
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    disable = None if progress is None else not progress
     with torch.no_grad():
-        for batch in setup.batches:
+        for batch in tqdm(setup.batches, total=total, desc="compare", unit="batch", leave=False, disable=disable):
             _run_batch(setup, as_args(batch), simulate_quantization, energies)
             count += 1
     order = {n: i for i, n in enumerate(setup.quant_gm.graph.nodes)}

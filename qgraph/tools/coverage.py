@@ -56,12 +56,16 @@ class CoverageReport:
         return [layer for layer in self.layers if not layer.quantized]
 
     def to_text(self) -> str:
+        """A table of every layer, then the share of MACs in integer arithmetic."""
         rows = [[la.node, la.module, la.op, la.macs, "int8" if la.quantized else "float", la.reason] for la in self.layers]
         text = tabulate(rows, headers=["node", "module", "op", "MACs/sample", "runs in", "why float"])
         text += f"\n\ninteger MACs: {100 * self.integer_mac_fraction:.1f} %"
         if self.delegated_fraction is not None:
-            text += f"; ops inside the XNNPACK delegate: {100 * self.delegated_fraction:.1f} %"
+            text += f"; compute ops inside the XNNPACK delegate: {100 * self.delegated_fraction:.1f} %"
         return text
+
+    def __str__(self) -> str:
+        return self.to_text()
 
 
 def _per_sample(shape) -> int:

@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
 import torch.fx
 from tabulate import tabulate
 from torch import nn
+from tqdm.auto import tqdm
 
 from qgraph.api.capture import capture
 from qgraph.api.pipeline import calibrate, convert, prepare_ptq
@@ -108,6 +109,9 @@ class SensitivityReport:
                    f"{self.scheme} here, rest float"]  # fmt: skip
         return head + "\n" + tabulate(rows, headers=headers, floatfmt=".4g")
 
+    def __str__(self) -> str:
+        return self.to_text()
+
 
 @dataclass(frozen=True)
 class Trial:
@@ -130,6 +134,9 @@ class MixedPrecisionResult:
     met: bool
     """False when even promoting every layer did not reach the tolerance."""
     sensitivity: SensitivityReport = field(repr=False)
+
+    def __str__(self) -> str:
+        return self.report
 
 
 # -- configurations ----------------------------------------------------------------------
@@ -175,11 +182,18 @@ class _Runner:
     backend: str
     calibration: list
     eval_fn: EvalFn
+    progress: Optional[bool] = None
 
     def metric(self, config: QConfig) -> float:
         prepared = prepare_ptq(self.graph, self.example_inputs, self.backend, config)
         calibrate(prepared, self.calibration, progress=False)
         return float(self.eval_fn(convert(prepared)))
+
+    def bar(self, desc: str, total: Optional[int]) -> tqdm:
+        """A progress bar of configurations measured: shown on a terminal when ``progress``
+        is None, always when True, never when False; cleared when done (``leave=False``)."""
+        disable = None if self.progress is None else not self.progress
+        return tqdm(total=total, desc=desc, unit="config", leave=False, disable=disable)
 
 
 def _runner(model, example_inputs, backend, calibration, eval_fn, mode, fallback) -> _Runner:
@@ -211,17 +225,27 @@ def quantizable_layers(
     return paths
 
 
-def _layer_row(run: _Runner, backend: Backend, scheme: QuantScheme, fallback: Fallback, path: str, quantized: float):
+def _layer_row(
+    run: _Runner, backend: Backend, scheme: QuantScheme, fallback: Fallback, path: str, quantized: float, bar: tqdm
+) -> LayerSensitivity:
+    bar.set_postfix_str(path)
     kept = run.metric(mixed_config(scheme, [path], fallback))
+    bar.update()
     only = run.metric(_only_config(backend, scheme, path))
+    bar.update()
     return LayerSensitivity(path, kept, kept - quantized, only)
 
 
 def _measure(run: _Runner, backend: Backend, scheme: QuantScheme, fallback: Fallback) -> SensitivityReport:
     paths = quantizable_layers(run.graph, run.example_inputs, backend.name, scheme)
-    fp32 = run.metric(_all_float_config(backend))
-    quantized = run.metric(QConfig(scheme=scheme))
-    rows = [_layer_row(run, backend, scheme, fallback, path, quantized) for path in paths]
+    with run.bar("sensitivity", 2 + 2 * len(paths)) as bar:
+        bar.set_postfix_str("fp32")
+        fp32 = run.metric(_all_float_config(backend))
+        bar.update()
+        bar.set_postfix_str(f"all {scheme_label(scheme)}")
+        quantized = run.metric(QConfig(scheme=scheme))
+        bar.update()
+        rows = [_layer_row(run, backend, scheme, fallback, path, quantized, bar) for path in paths]
     order = {path: i for i, path in enumerate(paths)}
     rows.sort(key=lambda r: (-r.delta, r.metric_only_quantized, order[r.path]))
     return SensitivityReport(rows, fp32, quantized, scheme_label(scheme), scheme_label(fallback))
@@ -236,6 +260,7 @@ def sensitivity(
     calibration: Iterable[Any] | None = None,
     mode: str = "ptq",
     fallback: Fallback = "float",
+    progress: Optional[bool] = None,
 ) -> SensitivityReport:
     """Measure how much each quantizable layer costs (see the module docstring).
 
@@ -244,8 +269,11 @@ def sensitivity(
     batches (tensors or argument tuples), read once per configuration: 2 + 2 × layers
     prepare / calibrate / convert runs in all. ``fallback`` is what a layer is kept at in
     the ``metric_kept`` column: ``"float"`` or another scheme. The model is not changed.
+    A progress bar counts the runs: on a terminal by default, always with ``progress=True``,
+    never with ``progress=False``.
     """
     run = _runner(model, example_inputs, backend, calibration, eval_fn, mode, fallback)
+    run.progress = progress
     rules = get_backend(backend)
     return _measure(run, rules, scheme or rules.default_scheme(False), fallback)
 
@@ -262,11 +290,16 @@ class _Search:
     allowed: float
     known: dict[frozenset, float] = field(default_factory=dict)
     tried: list[Trial] = field(default_factory=list)
+    bar: Optional[tqdm] = None
 
     def metric(self, layers: Sequence[str], step: str) -> float:
         key = frozenset(layers)
         if key not in self.known:
+            if self.bar is not None:
+                self.bar.set_postfix_str(step)
             self.known[key] = self.run.metric(mixed_config(self.scheme, layers, self.fallback))
+            if self.bar is not None:
+                self.bar.update()
         self.tried.append(Trial(tuple(layers), self.known[key], step))
         return self.known[key]
 
@@ -320,6 +353,7 @@ def auto_mixed_precision(
     tolerable_loss: float = 0.01,
     calibration: Iterable[Any] | None = None,
     report: SensitivityReport | None = None,
+    progress: Optional[bool] = None,
 ) -> MixedPrecisionResult:
     """The smallest set of layers to keep at ``fallback`` so that the loss is tolerable.
 
@@ -330,10 +364,13 @@ def auto_mixed_precision(
     W8A8 while the rest is W4A4). ``report`` reuses a :func:`sensitivity` report measured
     with the same model, scheme and fallback. The returned ``config`` is a plain
     :class:`QConfig` for :func:`qgraph.prepare_ptq` / :func:`qgraph.prepare_qat`.
+    Progress bars count the sensitivity runs, then the search's (``progress`` as in
+    :func:`sensitivity`); ``str(result)`` is the report.
     """
     if not tolerable_loss >= 0:
         raise ConfigError(f"tolerable_loss={tolerable_loss} must be a non-negative fraction of the fp32 metric")
     run = _runner(model, example_inputs, backend, calibration, eval_fn, "ptq", fallback)
+    run.progress = progress
     rules = get_backend(backend)
     scheme = scheme or rules.default_scheme(False)
     if report is None:
@@ -346,9 +383,11 @@ def auto_mixed_precision(
     search = _Search(run, scheme, fallback, report.fp32_metric, tolerable_loss * abs(report.fp32_metric))
     search.known[frozenset()] = report.quantized_metric
     search.known.update({frozenset([r.path]): r.metric_kept for r in report.layers})
-    promoted, metric = _greedy(search, report.paths)
-    if search.good(metric):
-        promoted, metric = _backward(search, promoted, metric)
+    # at most one run per layer promoted, then one per layer dropped again
+    with run.bar("mixed precision search", 2 * len(report.paths)) as search.bar:
+        promoted, metric = _greedy(search, report.paths)
+        if search.good(metric):
+            promoted, metric = _backward(search, promoted, metric)
     return MixedPrecisionResult(
         config=mixed_config(scheme, promoted, fallback),
         metric=metric,
