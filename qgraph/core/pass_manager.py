@@ -68,10 +68,10 @@ class PassManager:
 
     @staticmethod
     def check_order(passes: Sequence[Pass]) -> None:
-        """Raise :class:`PassOrderError` if a pass comes before one it requires."""
+        """Raise :class:`PassOrderError` if a pass comes before one it requires (or a subclass of it)."""
         seen: set[type] = set()
         for i, p in enumerate(passes):
-            missing = [r.__name__ for r in p.requires if r not in seen]
+            missing = [r.__name__ for r in p.requires if not any(issubclass(s, r) for s in seen)]
             if missing:
                 before = ", ".join(type(q).__name__ for q in passes[:i]) or "nothing"
                 raise PassOrderError(
