@@ -57,7 +57,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     and epilogs keep their lines."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or action.required:
+        if action.default is None or action.default is False or action.required:
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -143,9 +143,9 @@ def _parser() -> argparse.ArgumentParser:
 
     d = command("demo", "train the digits CNN, quantize it (PTQ, QAT), export .pte and .onnx, print a table")
     d.add_argument("--out", default="out", help="directory for the exported files")
-    d.add_argument("--fp32-epochs", type=int, default=15)
-    d.add_argument("--qat-epochs", type=int, default=5)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--fp32-epochs", type=int, default=15, help="epochs of float training")
+    d.add_argument("--qat-epochs", type=int, default=5, help="epochs of quantization-aware training")
+    d.add_argument("--seed", type=int, default=0, help="seed of the data split and the training")
     d.add_argument("--no-low-bit", action="store_true", help="skip the W4A8 / W4A4 / W3A4 rows")
     d.set_defaults(run=run_demo)
     return parser
@@ -155,10 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     with warnings.catch_warnings(), _library_logs(quiet=not args.debug):
+        shown: list[str] = []
         if not args.debug:
-            _only_qgraph_warnings()
+            _only_qgraph_warnings(shown)
         try:
-            return args.run(args)
+            status = args.run(args)
+            _print_warnings(shown)
+            return status
         except UsageError as exc:
             parser.error(str(exc))
         except Exception as exc:
@@ -196,11 +199,24 @@ def _library_logs(quiet: bool):
             logging.getLogger(name).setLevel(level)
 
 
-def _only_qgraph_warnings() -> None:
-    """Show qgraph's own warnings as one line each and no library's (inside ``catch_warnings``)."""
+def _only_qgraph_warnings(sink: list[str]) -> None:
+    """Collect qgraph's own warnings in ``sink`` and drop the libraries' (inside ``catch_warnings``)."""
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module=r"qgraph(\.|$)")
-    warnings.showwarning = lambda message, *_: print(f"qgraph: warning: {message}", file=sys.stderr)
+    warnings.showwarning = lambda message, *_: sink.append(str(message))
+
+
+MAX_WARNINGS = 3
+
+
+def _print_warnings(messages: list[str]) -> None:
+    """One line per warning, the first :data:`MAX_WARNINGS` of them (a model can have dozens
+    of layers that stay float for one reason; ``coverage`` lists them all)."""
+    for message in messages[:MAX_WARNINGS]:
+        print(f"qgraph: warning: {message}", file=sys.stderr)
+    if len(messages) > MAX_WARNINGS:
+        print(f"qgraph: warning: ... and {len(messages) - MAX_WARNINGS} more (--debug shows them; "
+              "`qgraph coverage` lists every layer and why it stays float)", file=sys.stderr)  # fmt: skip
 
 
 def _torch():
@@ -221,24 +237,18 @@ def _check_out(path: str, allowed: tuple[str, ...]) -> None:
 
 @contextlib.contextmanager
 def _native_logs_hidden():
-    """Hide what C++ code prints on file descriptor 2 (ExecuTorch's XNNPACK delegate logs
-    five lines of CPU probing the first time it loads a program); qgraph's own warnings
-    raised meanwhile are shown afterwards."""
+    """Hide what C++ code prints on file descriptor 2: ExecuTorch's XNNPACK delegate logs five
+    lines of CPU probing the first time it loads a program. (qgraph's warnings are collected,
+    not printed, while a command runs.)"""
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            _only_qgraph_warnings()
-            warnings.showwarning = lambda *w: caught.append(warnings.WarningMessage(*w))
-            yield
+        yield
     finally:
-        sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-    for w in caught:
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 # -- building the quantized model --------------------------------------------------------------
@@ -329,13 +339,22 @@ def _observe_in_eval(prepared, batches) -> None:
     qgraph.eval_mode(prepared)
 
 
-def _write(quantized, loaded, out: str, record: dict) -> list[str]:
-    """Write ``quantized`` to ``out`` by its extension; the summary lines."""
+def _write(quantized, out: str, record: dict) -> list[str]:
+    """Write ``quantized`` to ``out`` by its extension; the summary lines.
+
+    ``record`` holds the served ``input_shape`` (the ``.pte`` is exported with it) and whether
+    the graph's batch is dynamic: the ``.onnx`` and ``.pt2`` then get an example batch of 2,
+    since ``torch.export`` fixes a batch of 1.
+    """
+    import torch
+
     import qgraph
     from qgraph.api.capture import batch_dynamic_shapes
 
+    shape = tuple(record["input_shape"])
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x_any = torch.randn(max(2, shape[0]), *shape[1:]) if record["dynamic_batch"] else x
     suffix = Path(out).suffix.lower()
-    x = loaded.example()
     if suffix == ".pte":
         report = qgraph.export_pte(quantized, (x,), out)
         outside = sum(report.not_delegated.values())
@@ -347,19 +366,18 @@ def _write(quantized, loaded, out: str, record: dict) -> list[str]:
     if suffix == ".onnx":
         import onnx
 
-        qgraph.export_onnx(quantized, (x,), out)
-        ops = Counter(n.op_type for n in onnx.load(out, load_external_data=False).graph.node)
-        integer = {k: v for k, v in ops.items() if k in _ONNX_QUANT_OPS}
-        lines = [f"wrote {out}: {_size(Path(out).stat().st_size)}, ONNX model (batch axis dynamic), {sum(ops.values())} nodes"]
-        lines.append("quantization nodes: " + (", ".join(f"{k} ×{v}" for k, v in sorted(integer.items())) or "none"))
-        return lines
-    import torch
-
+        qgraph.export_onnx(quantized, (x_any,), out)
+        graph = onnx.load(out, load_external_data=False).graph
+        ops = Counter(n.op_type for n in graph.node)
+        batch = graph.input[0].type.tensor_type.shape.dim[0]
+        integer = ", ".join(f"{k} ×{v}" for k, v in sorted(ops.items()) if k in _ONNX_QUANT_OPS) or "none"
+        lines = [f"wrote {out}: {_size(Path(out).stat().st_size)}, ONNX model, {sum(ops.values())} nodes, "
+                 f"batch {batch.dim_param or batch.dim_value}"]  # fmt: skip
+        return [*lines, f"quantization nodes: {integer}"]
     from qgraph.model_spec import save_program
 
-    dynamic = None if loaded.is_program else batch_dynamic_shapes((loaded.capture_example(),))
-    program = torch.export.export(quantized, (loaded.capture_example(),), dynamic_shapes=dynamic)
-    save_program(program, out, record)
+    dynamic = batch_dynamic_shapes((x_any,)) if record["dynamic_batch"] else None
+    save_program(torch.export.export(quantized, (x_any,), dynamic_shapes=dynamic), out, record)
     return [f"wrote {out}: {_size(Path(out).stat().st_size)}, converted program (torch.export.save); "
             f"`qgraph export {out} --out model.pte|model.onnx` writes a runtime file"]  # fmt: skip
 
@@ -389,8 +407,11 @@ def run_quantize(args) -> int:
 
     loaded = _load(args)
     prepared, quantized, _ = _quantized(args, loaded)
-    record = {"qgraph": qgraph.__version__, "backend": args.backend, "mode": args.mode, "input_shape": list(loaded.input_shape)}
-    lines = _write(quantized, loaded, args.out, record)
+    record = {
+        "qgraph": qgraph.__version__, "backend": args.backend, "mode": args.mode,
+        "input_shape": list(loaded.input_shape), "dynamic_batch": not loaded.is_program,
+    }  # fmt: skip
+    lines = _write(quantized, args.out, record)
     print(f"quantized {loaded.name} ({args.mode}, {args.backend} scheme)")
     print(_layers_line(coverage(quantized)))
     print("\n".join(lines))
@@ -432,15 +453,17 @@ def run_export(args) -> int:
     _torch()
     from qgraph.api.pipeline import CONVERTED_KEY
     from qgraph.core.errors import ConfigError
-    from qgraph.model_spec import LoadedModel, load_program
+    from qgraph.model_spec import load_program
 
     program, record = load_program(args.program)
     if record is None:
         raise ConfigError(f"{args.program} was not written by `qgraph quantize --out *.pt2`; quantize it first: qgraph quantize {args.program} ...")
+    missing = sorted({"backend", "input_shape", "dynamic_batch"} - set(record))
+    if missing:
+        raise ConfigError(f"{args.program}: its qgraph.json lacks {missing}; write it again with `qgraph quantize --out *.pt2`")
     converted = program.module()
     converted.meta[CONVERTED_KEY] = {"backend": record["backend"]}
-    loaded = LoadedModel(args.program, program, tuple(record["input_shape"]))
-    print("\n".join(_write(converted, loaded, args.out, record)))
+    print("\n".join(_write(converted, args.out, record)))
     return 0
 
 

@@ -26,9 +26,11 @@ RESNET = ["resnet18", "--input-shape", "1,3,64,64"]
 
 
 def run(capsys, *argv: str) -> str:
-    """Run ``qgraph argv``; it must succeed. Its stdout."""
+    """Run ``qgraph argv``; it must succeed and print nothing on stderr. Its stdout."""
     assert main(list(argv)) == 0
-    return capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.err == "", captured.err
+    return captured.out
 
 
 def fails(capsys, *argv: str) -> str:
@@ -82,7 +84,9 @@ def test_quantize_to_pt2_then_export_gives_the_converted_programs_numbers(tmp_pa
     text = run(capsys, "quantize", "digits", "--mode", "qat-eval", "--calib", str(digits_data), "--out", str(program))
     assert "quantized digits (qat-eval, xnnpack scheme)" in text and "layers quantized: 3 of 3" in text
     converted, record = load_program(str(program))
-    assert record == {"qgraph": qgraph.__version__, "backend": "xnnpack", "mode": "qat-eval", "input_shape": [1, 1, 8, 8]}
+    assert record == {
+        "qgraph": qgraph.__version__, "backend": "xnnpack", "mode": "qat-eval", "input_shape": [1, 1, 8, 8], "dynamic_batch": True
+    }  # fmt: skip
     run(capsys, "export", str(program), "--out", str(tmp_path / "d.pte"))
     run(capsys, "export", str(program), "--out", str(tmp_path / "d.onnx"))
     reference = converted.module()
@@ -101,8 +105,7 @@ def test_dynamic_and_8da4w_need_no_calibration(tmp_path, capsys):
     text = run(capsys, "quantize", "digits", "--mode", "dynamic", "--out", str(tmp_path / "d.onnx"))
     assert "layers quantized: 3 of 3" in text and "DynamicQuantizeLinear ×2" in text
     text = run(capsys, "quantize", "digits", "--mode", "8da4w", "--out", str(tmp_path / "d.pte"))
-    assert "layers quantized: 1 of 3" in text  # the linear; convs have no int4 group-wise form
-    assert capsys.readouterr().err == ""  # ... and stay float without a warning
+    assert "layers quantized: 1 of 3" in text  # the linear; convs have no int4 group-wise form, stay float, no warning
 
 
 def test_config_file_keeps_modules_in_float(tmp_path, capsys, digits_data):
@@ -132,7 +135,6 @@ def test_weights_and_a_program_file_are_models(tmp_path, capsys, digits_data):
 
 
 def test_random_calibration_warns_in_one_line(tmp_path, capsys):
-    run(capsys, "coverage", "digits")  # a clean command prints nothing on stderr
     assert main(["quantize", "digits", "--calib", "2", "--out", str(tmp_path / "d.pt2")]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err == [
@@ -141,10 +143,25 @@ def test_random_calibration_warns_in_one_line(tmp_path, capsys):
     ]
 
 
+def depthwise_net() -> torch.nn.Module:
+    """Five depthwise convs: dynamic quantization keeps each in float with a warning."""
+    return torch.nn.Sequential(*[torch.nn.Conv2d(4, 4, 3, padding=1, groups=4) for _ in range(5)])
+
+
+def test_a_factory_model_and_many_warnings_in_a_few_lines(capsys):
+    assert main(["coverage", f"{__name__}:depthwise_net", "--input-shape", "1,4,8,8", "--mode", "dynamic"]) == 0
+    out, err = capsys.readouterr()
+    assert "layers quantized: 0 of 5" in out and out.count("depthwise conv: the runtime has no dynamically") == 5
+    lines = err.splitlines()
+    assert len(lines) == 4 and all(line.startswith("qgraph: warning: ") for line in lines)
+    assert "'conv2d' (aten.conv2d.default) in module '0'" in lines[0] and "stays in float" in lines[0]
+    assert "... and 2 more (--debug shows them" in lines[3]
+
+
 def test_check_prints_the_table_of_every_form(capsys, digits_data):
     text = run(capsys, "check", "digits", "--calib", str(digits_data), "--targets", "fake_quant", "converted", "reference", "pte")
     assert "largest difference per quantized tensor" in text and "reference|pte" in text and "conv_relu" in text
-    assert capsys.readouterr().err == ""  # ExecuTorch's CPU-probing lines are hidden
+    # (run() checked stderr is empty: ExecuTorch's CPU-probing lines are hidden)
 
 
 def test_coverage_lists_layers_and_reasons(capsys):

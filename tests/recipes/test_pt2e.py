@@ -132,15 +132,16 @@ def test_xnnpack_quantizer_qat_converts_to_torchaos_qdq_and_numbers(resnet18, pt
     q = torch.ops.quantized_decomposed
     for op in (q.quantize_per_tensor.default, q.dequantize_per_tensor.default, q.dequantize_per_channel.default):
         assert count_ops(converted)[op] == count_ops(oracle_converted)[op] > 0
-    # Numbers: torchao's fused fake-quant trains per-channel [-127, 127] weights with scale
-    # max|w| / 127.5 (measured: its outputs are multiples of 255/256 of the scale it converts
-    # with), so the one training step's BN statistics and activation ranges differ slightly
-    # and the difference grows over 20 layers: measured 5.1 output steps at most. A wrong
-    # spec or placement gives hundreds.
+    # Numbers: in training, torchao's fused fake-quant applies per-channel [-127, 127] weights
+    # with scale max|w| / 127.5 (measured: its outputs are multiples of 255/256 of the scale
+    # it converts with, max|w| / 127), so the training step's BN statistics and activation
+    # ranges differ slightly from qgraph's and the difference grows over 20 layers: measured
+    # 7.2 output steps at most (10 % of outputs identical). Doubling the weight scale of one
+    # conv moves the outputs by 34-56 steps (measured on three of them).
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (converted(x) - oracle_converted(x)).abs().max().item()
-    assert diff <= 8 * output_scale(converted)
+    assert diff <= 10 * output_scale(converted)
 
 
 class _OneLinear(nn.Module):
