@@ -119,7 +119,10 @@ def _parser() -> argparse.ArgumentParser:
 
     c = command("check", "quantize as `quantize` does, then compare fake-quant, converted, reference and runtimes", epilog=_MODES_HELP)
     _add_model_args(c)
-    c.add_argument("--targets", nargs="+", choices=CHECK_FORMS, default=list(CHECK_FORMS), help="forms to compare")
+    c.add_argument(
+        "--targets", nargs="+", choices=CHECK_FORMS,
+        help=f"forms to compare (default: {' '.join(CHECK_FORMS)}; dynamic and 8da4w have no fake_quant form)",
+    )  # fmt: skip
     c.set_defaults(run=run_check)
 
     v = command("coverage", "list every conv / linear / matmul: quantized or not, why not, share of integer MACs", epilog=_MODES_HELP)
@@ -419,6 +422,10 @@ def run_quantize(args) -> int:
 
 
 def run_check(args) -> int:
+    calibrated = args.mode in ("ptq", "qat-eval")
+    forms = args.targets or [f for f in CHECK_FORMS if calibrated or f != "fake_quant"]
+    if "fake_quant" in forms and not calibrated:
+        raise UsageError(f"--targets fake_quant: --mode {args.mode} observes nothing before converting, so it has no fake-quant form")
     _torch()
     import qgraph
 
@@ -426,7 +433,6 @@ def run_check(args) -> int:
     prepared, quantized, batches = _quantized(args, loaded)
     n = loaded.input_shape[0]
     x = batches[0][:n] if batches and len(batches[0]) >= n else loaded.example(seed=args.seed)
-    forms = args.targets if args.mode in ("ptq", "qat-eval") else [f for f in args.targets if f != "fake_quant"]
     with contextlib.nullcontext() if args.debug else _native_logs_hidden():
         report = qgraph.check(prepared, quantized, (x,), targets=tuple(forms), verbose=False)
     print(report.to_text())

@@ -205,6 +205,7 @@ def test_version(capsys):
         (["quantize", "digits", "--backend", "tpu", "--out", "m.pte"], "invalid choice: 'tpu'"),
         (["quantize", "digits", "--mode", "int3", "--out", "m.pte"], "invalid choice: 'int3'"),
         (["export", "m.onnx", "--out", "m.pte"], "expected a .pt2 program"),
+        (["check", "digits", "--mode", "dynamic", "--targets", "fake_quant"], "has no fake-quant form"),
         (["report", "missing_dumps"], "report missing_dumps: no such folder"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
