@@ -120,9 +120,11 @@ def is_pass_module(path: Path) -> bool:
 
 
 def _requires_names(path: Path) -> set[str]:
-    """Names a pass module lists in a ``requires = (...)`` class attribute."""
+    """Names a pass module lists in a ``requires = (...)`` class attribute, or derives a class from."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ClassDef):
+            names |= {b.id for b in node.bases if isinstance(b, ast.Name)}
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             if any(isinstance(t, ast.Name) and t.id == "requires" for t in targets) and node.value is not None:

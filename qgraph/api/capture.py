@@ -64,3 +64,17 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_shapes: Any = None) -
     gm = program.module()
     gm.meta["qgraph_example_inputs"] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     return gm
+
+
+def capture_program(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """The GraphModule of a program exported by the user (``torch.export.export`` / ``torch.export.load``).
+
+    It is used as it is, instead of capturing again: its shapes are the program's (a program
+    exported with a batch of 1 keeps batch 1). The GraphModule owns copies of the program's
+    tensors (``program.module()`` alone would alias them), so preparing and training it
+    leaves the program as it was.
+    """
+    gm = copy.deepcopy(program).module()
+    args = program.example_inputs[0] if program.example_inputs else ()
+    gm.meta["qgraph_example_inputs"] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    return gm

@@ -15,7 +15,7 @@ import torch.fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from qgraph.api.capture import as_args, capture
+from qgraph.api.capture import as_args, capture, capture_program
 from qgraph.api.modes import bind_mode_methods, eval_mode, train_mode
 from qgraph.backends import get_backend
 from qgraph.core.errors import CalibrationError, ConfigError
@@ -26,10 +26,12 @@ from qgraph.passes.convert.fold_bn import FoldBn
 from qgraph.passes.convert.freeze_qparams import FreezeQparams
 from qgraph.passes.convert.quantize_weights import QuantizeWeights
 from qgraph.passes.prepare.annotate import Annotate
+from qgraph.passes.prepare.apply_pt2e_annotations import ApplyPt2eAnnotations
 from qgraph.passes.prepare.chunk_to_slices import ChunkToSlices
 from qgraph.passes.prepare.fold_conv_bn import FoldConvBn
 from qgraph.passes.prepare.fuse_conv_bn_qat import FuseConvBnQat
 from qgraph.passes.prepare.insert_quantizers import InsertQuantizers
+from qgraph.passes.prepare.pt2e_annotate import Pt2eAnnotate, is_pt2e_quantizer
 from qgraph.passes.prepare.remove_dropout import RemoveDropout
 from qgraph.passes.prepare.resolve_specs import ResolveSpecs
 from qgraph.passes.prepare.stochastic_depth import StochasticDepth
@@ -37,16 +39,31 @@ from qgraph.quant.config import QConfig
 
 
 def _graph_of(model: nn.Module, example_inputs: Any) -> tuple[torch.fx.GraphModule, bool]:
-    """A private GraphModule for ``model`` and whether the model was in training mode."""
+    """A private GraphModule for ``model`` and whether the model was in training mode.
+
+    An ``ExportedProgram`` has no mode of its own: QAT prepares it for training, PTQ for eval.
+    """
     if isinstance(model, torch.fx.GraphModule):
         return copy_graph_module(model), model.training
+    if isinstance(model, torch.export.ExportedProgram):
+        return capture_program(model), True
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be an nn.Module or a captured GraphModule, got {type(model).__name__}")
+        raise ConfigError(
+            f"model must be an nn.Module, an ExportedProgram or a captured GraphModule, got {type(model).__name__}"
+        )
     return capture(model, example_inputs), model.training
 
 
 def _prepare(model, example_inputs, backend, config, dump_dir, debug_node, is_qat: bool) -> torch.fx.GraphModule:
-    rules = get_backend(backend)
+    if is_pt2e_quantizer(backend):
+        if config is not None:
+            raise ConfigError(
+                "config= applies to qgraph's backends; a PT2E quantizer carries its own configuration "
+                "(set_global / set_module_name / set_module_type on the quantizer)"
+            )
+        rules = None
+    else:
+        rules = get_backend(backend)
     if config is not None and not isinstance(config, QConfig):
         raise ConfigError(f"config must be a qgraph.QConfig or None, got {type(config).__name__}")
     _check_operators(config, rules)
@@ -59,22 +76,22 @@ def _prepare(model, example_inputs, backend, config, dump_dir, debug_node, is_qa
     if not is_qat:
         eval_mode(gm)
     fuse = FuseConvBnQat() if is_qat else FoldConvBn()
-    passes = [
-        StochasticDepth(),
-        ChunkToSlices(),
-        fuse,
-        Annotate(rules, is_qat, config, debug_node),
-        ResolveSpecs(),
-        InsertQuantizers(is_qat),
-    ]
+    if rules is None:  # like torchao: QAT annotates before folding conv + BN, PTQ after
+        pt2e = Pt2eAnnotate(backend)
+        annotate = [pt2e, fuse] if is_qat else [fuse, pt2e]
+        annotate.append(ApplyPt2eAnnotations())
+    else:
+        annotate = [fuse, Annotate(rules, is_qat, config, debug_node)]
+    passes = [StochasticDepth(), ChunkToSlices(), *annotate, ResolveSpecs(), InsertQuantizers(is_qat)]
     gm = PassManager(passes, dump_dir=dump_dir, stage="prepare_qat" if is_qat else "prepare_ptq")(gm)
-    gm.meta[PREPARED_KEY] = {"backend": rules.name, "qat": is_qat}
+    name = rules.name if rules is not None else f"pt2e:{type(backend).__name__}"
+    gm.meta[PREPARED_KEY] = {"backend": name, "qat": is_qat}
     bind_mode_methods(gm)
     return train_mode(gm) if (is_qat and training) else eval_mode(gm)
 
 
 def _check_operators(config: QConfig | None, backend) -> None:
-    if config is None:
+    if config is None or backend is None:
         return
     covered = backend.covered_ops()
     for op, scheme in config.operators.items():
@@ -99,6 +116,11 @@ def prepare_qat(
     Conv + BN pairs are rewritten so that the BN-folded weight is fake-quantized while BN
     keeps training. The result is an ``nn.Module``: train it with your usual loop, switch
     with ``.train()`` / ``.eval()`` (or :func:`qgraph.train_mode` / :func:`qgraph.eval_mode`).
+
+    ``model`` may also be a ``torch.export.ExportedProgram``, used instead of capturing (it is
+    not changed). ``backend`` is ``"xnnpack"``, ``"x86"`` or a PT2E ``Quantizer`` (torchao /
+    ExecuTorch, e.g. ``XNNPACKQuantizer().set_global(...)``), whose annotations then decide
+    every spec (see :mod:`qgraph.passes.prepare.pt2e_annotate`); ``config`` must be None then.
     """
     return _prepare(model, example_inputs, backend, config, dump_dir, debug_node, is_qat=True)
 
@@ -111,7 +133,10 @@ def prepare_ptq(
     dump_dir: str | os.PathLike | None = None,
     debug_node: str | None = None,
 ) -> torch.fx.GraphModule:
-    """Capture ``model`` in eval mode, fold BN into convs and insert observers for calibration."""
+    """Capture ``model`` in eval mode, fold BN into convs and insert observers for calibration.
+
+    ``model`` and ``backend`` take the same forms as in :func:`prepare_qat`.
+    """
     return _prepare(model, example_inputs, backend, config, dump_dir, debug_node, is_qat=False)
 
 

@@ -65,6 +65,13 @@ CONVERTED_KEY = "qgraph_converted"
 LOWERED_KEY = "qgraph_lowered"
 """``{"target": name, "runtime": name}`` on a graph ``qgraph.lower`` returned."""
 
+PT2E_ANNOTATION_KEY = "quantization_annotation"
+"""Where a torchao / ExecuTorch PT2E ``Quantizer`` writes its ``QuantizationAnnotation`` (their key)."""
+
+PT2E_PLAN_KEY = "qgraph_pt2e_plan"
+"""The :class:`~qgraph.passes.prepare.pt2e_plan.Pt2ePlan` that ``pt2e_annotate`` leaves for
+``apply_pt2e_annotations``."""
+
 BN_FROZEN_KEY = "qgraph_bn_frozen"
 """True once ``freeze_bn_stats`` froze every batch norm's statistics."""
 
@@ -98,6 +105,7 @@ class RefusalKind(Enum):
     FLOAT_PRODUCER = "an input that must pass its qparams through is not quantized"
     SPEC_MISFIT = "the scheme's weight spec cannot apply to this weight"
     LORA = "a LoRA adapter's float path"
+    NOT_ANNOTATED = "the PT2E quantizer left it unannotated"
 
 
 @dataclass(frozen=True)

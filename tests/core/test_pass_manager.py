@@ -87,6 +87,18 @@ def test_requires_are_checked_transitively_only_for_cycles():
         PassManager([_Second(), _Third()])
 
 
+def test_a_subclass_of_a_required_pass_satisfies_the_requirement():
+    class _Annotates(Annotate):  # e.g. apply_pt2e_annotations: annotates from elsewhere
+        name = "annotates"
+
+        def __init__(self):
+            pass
+
+    PassManager([_Annotates(), ResolveSpecs()])  # accepted
+    with pytest.raises(PassOrderError, match="ResolveSpecs requires Annotate"):
+        PassManager([_Nothing(), ResolveSpecs()])
+
+
 def test_failing_pass_is_named_with_the_passes_before_it(conv_bn_net, image_batch):
     gm = qgraph.capture(conv_bn_net, (image_batch,))
     with pytest.raises(PassError, match=r"_Breaks failed after \[_Nothing\]"):
