@@ -15,7 +15,9 @@ computes on the global batch, the concatenation of every rank's batch of the ste
   agree at every step, and ``convert`` needs no communication.
 * **FSDP2** (``fully_shard`` on the prepared graph as one unit: its forward calls no
   submodule): :func:`qgraph.convert` gathers the full parameters itself (a collective: call
-  it on every rank). Under DDP, ``convert`` takes the wrapper or its ``.module``.
+  it on every rank). FSDP2 discards what a forward writes into the parameters it gathered,
+  so learnable ranges, which the first training batch initializes in place, must see that
+  batch before ``fully_shard``. Under DDP, ``convert`` takes the wrapper or its ``.module``.
 
 Every rank must run the same observing forwards — as it must under DDP. Work that only some
 ranks do goes inside :func:`qgraph.core.distributed.rank_local`.

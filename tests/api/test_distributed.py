@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import qgraph
+from qgraph.core.errors import ConfigError
 from qgraph.models.digits import DigitsCNN
 from qgraph.models.llama import Llama, LlamaConfig
 from qgraph.observers.base import FakeQuantize, Observer
@@ -137,16 +138,23 @@ def train(model, batches, lr: float = 0.1) -> None:
 
 def ddp_qat(rank: int, sync: bool) -> dict:
     prepared = prepared_digits(sync)
-    train(DistributedDataParallel(prepared), [shard(rank, s) for s in range(STEPS)])
+    ddp = DistributedDataParallel(prepared)
+    train(ddp, [shard(rank, s) for s in range(STEPS)])
     qgraph.freeze_observers(prepared)
     qgraph.freeze_bn_stats(prepared)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quantized = qgraph.convert(prepared)  # right after training: no extra forward
+        quantized = qgraph.convert(ddp)  # right after training, no extra forward; the wrapper's module
+    try:
+        qgraph.sync_batch_norm(ddp)
+        refused_wrapper = False
+    except ConfigError:  # it must be called on the prepared graph, before wrapping
+        refused_wrapper = True
     return {
         "quantized": artefacts(quantized),
         "prepared": {k: v.detach().clone() for k, v in prepared.state_dict().items()},
         "warned": any("sync_batch_norm" in str(w.message) for w in caught),
+        "refused_wrapper": refused_wrapper,
     }
 
 
@@ -160,7 +168,7 @@ def ddp_worker(rank: int) -> dict:
 def test_ddp_qat_ranks_convert_identically(ranks):
     r0, r1 = (r["ddp"] for r in ranks)
     assert_same(r0["synced"]["quantized"], r1["synced"]["quantized"])
-    assert not r0["synced"]["warned"]
+    assert not r0["synced"]["warned"] and r0["synced"]["refused_wrapper"]
     with pytest.raises(AssertionError):  # the control: without qgraph's collectives ranks differ
         assert_same(r0["local"]["quantized"], r1["local"]["quantized"])
 
