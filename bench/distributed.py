@@ -94,7 +94,7 @@ def rank_main(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
                             timeout=datetime.timedelta(seconds=120))  # fmt: skip
     records = []
     for name in args.models:
-        model, shape = build(name, args.resolution, args.batch)
+        _, shape = build(name, args.resolution, args.batch)
         steps, collectives = {}, {}
         for flow in FLOWS:
             steps[flow], collectives[flow] = make_step(name, flow, shape, rank)

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 import warnings
 
 import torch
 import torch.fx
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from qgraph.core.distributed import world_size
@@ -83,8 +82,11 @@ def gather_full_model(model: nn.Module) -> nn.Module:
     if not isinstance(model, torch.fx.GraphModule):
         return model
     _warn_unsynchronized_batch_norm(model)
-    sharded = [t for t in itertools.chain(model.parameters(), model.buffers()) if isinstance(t, DTensor)]
-    if not sharded and not isinstance(model, FSDPModule):
+    dtensor = _loaded("torch.distributed.tensor", "DTensor")
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    sharded = [t for t in tensors if dtensor is not None and isinstance(t, dtensor)]
+    if not sharded and not (fsdp_module is not None and isinstance(model, fsdp_module)):
         return model
     memo: dict[int, torch.Tensor] = {}
     for t in sharded:
@@ -95,6 +97,13 @@ def gather_full_model(model: nn.Module) -> nn.Module:
     shell = torch.fx.GraphModule(model, copy.deepcopy(model.graph))
     shell.meta = dict(model.meta)
     return copy.deepcopy(shell, memo)
+
+
+def _loaded(module: str, name: str) -> type | None:
+    """``module.name`` when ``module`` was imported, else None. A DTensor or an FSDP module
+    exists only once its module is loaded, and importing FSDP takes seconds, which
+    ``import qgraph`` should not pay."""
+    return getattr(sys.modules.get(module), name, None)
 
 
 def _warn_unsynchronized_batch_norm(gm: torch.fx.GraphModule) -> None:

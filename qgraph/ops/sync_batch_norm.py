@@ -45,7 +45,9 @@ _LIB.define(
 
 def _sync_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled):
     if not training or world_size() == 1:
-        return aten.batch_norm.default(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled)
+        return aten.batch_norm.default(
+            input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled
+        )
     channels = input.shape[1]
     count = input.numel() // channels
     if count:

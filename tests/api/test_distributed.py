@@ -102,10 +102,10 @@ def artefacts(gm: torch.fx.GraphModule) -> dict:
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         out = gm(x)
+    literals = [[repr(a) for a in n.args if not isinstance(a, torch.fx.Node)] for n in gm.graph.nodes]
     return {
         "state": {k: v.detach().clone() for k, v in gm.state_dict().items()},
-        # repr of a float round-trips exactly
-        "args": [(str(n.target), [repr(a) for a in n.args if not isinstance(a, torch.fx.Node)]) for n in gm.graph.nodes],
+        "args": list(zip([str(n.target) for n in gm.graph.nodes], literals)),  # a float's repr round-trips
         "out": out,
     }
 
@@ -239,7 +239,7 @@ def test_sync_batch_norm_is_batch_norm_of_the_global_batch(ranks):
     weight, bias, mean, var = bn_params()
     y = aten.batch_norm.default(x, weight, bias, mean, var, True, 0.1, 1e-5, False)
     (y * torch.cat(grads)).sum().backward()
-    close = dict(rtol=1e-5, atol=1e-5)
+    close = {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), **close)
     torch.testing.assert_close(torch.cat([r["dx"] for r in ranks]), x.grad, **close)
     # each rank holds the gradient of its own loss term; the sum over ranks is the global one
@@ -424,6 +424,6 @@ def test_example_qat_ddp_runs_under_torchrun():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), str(ROOT / "examples" / "qat_ddp.py"), "--epochs", "1"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT - 20, env=env, cwd=ROOT)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=TIMEOUT - 20, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ranks agree: True" in done.stdout, done.stdout
