@@ -126,7 +126,8 @@ def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[Any], progress: 
     In several processes each rank passes its own shard, the same number of batches on
     every rank; observers then record the ranges of the global batches (at step ``i``, the
     concatenation of every rank's ``i``-th batch), so every rank holds what one
-    process calibrated on all shards holds, bit for bit (:mod:`qgraph.api.distributed`).
+    process calibrated on all shards holds — bit for bit where the model computes each sample
+    the same in any batch (:mod:`qgraph.api.distributed`).
     The progress bar shows on rank 0.
     """
     eval_mode(prepared)
