@@ -34,6 +34,8 @@ _HOMES: dict[str, str] = {
     "eval_mode": "qgraph.api.modes",
     "freeze_observers": "qgraph.api.modes",
     "freeze_bn_stats": "qgraph.api.modes",
+    "sync_batch_norm": "qgraph.api.distributed",
+    "rank_local": "qgraph.core.distributed",
     # configuration
     "QConfig": "qgraph.quant.config",
     "first_last_float": "qgraph.quant.config",
@@ -98,6 +100,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from qgraph.api.pipeline import calibrate, convert, prepare_ptq, prepare_qat
     from qgraph.api.capture import capture
+    from qgraph.api.distributed import sync_batch_norm
+    from qgraph.core.distributed import rank_local
     from qgraph.core.errors import (
         CalibrationError,
         CaptureError,

@@ -21,11 +21,13 @@ import torch.fx
 from torch import nn
 
 from qgraph.core.graph import is_op
-from qgraph.core.meta import BN_FROZEN_KEY, TRAIN_DROPOUT_KEY
-from qgraph.core.opsets import ATTENTION_OPS, BATCH_NORM_OPS
+from qgraph.core.meta import BN_FROZEN_KEY, SYNC_BN_KEY, TRAIN_DROPOUT_KEY
+from qgraph.core.opsets import ATTENTION_OPS
 from qgraph.observers.base import QUANTIZER_TYPES
 from qgraph.ops.stochastic_depth import EVAL_IDENTITY_OPS
+from qgraph.ops.sync_batch_norm import ANY_BATCH_NORM_OPS
 from qgraph.passes.prepare.simulated_bn import set_simulated_bn_form
+from qgraph.passes.prepare.sync_batch_norm import SyncBatchNorm
 
 _BN_TRAINING_ARG = 5
 _DROPOUT_TRAIN_ARG = 2
@@ -65,10 +67,11 @@ def _set_mode(m: torch.fx.GraphModule, training: bool) -> torch.fx.GraphModule:
     for node in m.graph.nodes:
         if is_op(node, EVAL_IDENTITY_OPS):
             changed |= _set_arg(node, _DROPOUT_TRAIN_ARG, training)
-        elif is_op(node, BATCH_NORM_OPS):
+        elif is_op(node, ANY_BATCH_NORM_OPS):
             changed |= _set_arg(node, _BN_TRAINING_ARG, bn_training)
         elif is_op(node, ATTENTION_OPS):
             changed |= _set_attention_dropout(node, training)
+    changed |= _sync_batch_norm_form(m)
     if changed:
         m.graph.lint()
         m.recompile()
@@ -98,10 +101,18 @@ def freeze_bn_stats(m: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Batch norm uses and keeps its running statistics from now on, even in train mode."""
     m.meta[BN_FROZEN_KEY] = True
     for node in m.graph.nodes:
-        if is_op(node, BATCH_NORM_OPS):
+        if is_op(node, ANY_BATCH_NORM_OPS):
             _set_arg(node, _BN_TRAINING_ARG, False)
+    _sync_batch_norm_form(m)
     m.recompile()
     return m
+
+
+def _sync_batch_norm_form(m: torch.fx.GraphModule) -> bool:
+    """Keep :func:`qgraph.sync_batch_norm`'s choice across switches: batch norms in training
+    form are synchronized on a marked graph (a simulated BN returns to its train form as
+    ``aten.batch_norm``), and plain ``aten.batch_norm`` everywhere else."""
+    return SyncBatchNorm(enabled=m.meta.get(SYNC_BN_KEY, False)).call(m).modified
 
 
 def bind_mode_methods(m: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -16,8 +16,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qgraph.api.capture import as_args, capture, capture_program
+from qgraph.api.distributed import gather_full_model
 from qgraph.api.modes import bind_mode_methods, eval_mode, train_mode
 from qgraph.backends import get_backend
+from qgraph.core.distributed import rank
 from qgraph.core.errors import CalibrationError, ConfigError
 from qgraph.core.graph import copy_graph_module
 from qgraph.core.meta import CONVERTED_KEY, LORA_KEY, PREPARED_KEY
@@ -145,12 +147,19 @@ def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[Any], progress: 
 
     Runs in eval mode without gradients; observers record ranges. NaN or inf raises
     :class:`~qgraph.core.errors.CalibrationError` naming the first quantized node that saw it.
+
+    In several processes each rank passes its own shard, the same number of batches on
+    every rank; observers then record the ranges of the global batches (at step ``i``, the
+    concatenation of every rank's ``i``-th batch), so every rank holds what one
+    process calibrated on all shards holds — bit for bit where the model computes each sample
+    the same in any batch (:mod:`qgraph.api.distributed`).
+    The progress bar shows on rank 0.
     """
     eval_mode(prepared)
     seen = 0
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     with torch.no_grad():
-        for batch in tqdm(batches, total=total, desc="calibrate", disable=not progress, leave=False):
+        for batch in tqdm(batches, total=total, desc="calibrate", disable=not progress or rank() != 0, leave=False):
             prepared(*as_args(batch))
             seen += 1
     if seen == 0:
@@ -164,8 +173,10 @@ def convert(prepared: torch.fx.GraphModule, dump_dir: str | os.PathLike | None =
 
     BN is folded, observers and fake-quant modules become ``quantized_decomposed`` quantize
     / dequantize ops, and weights are stored as int8 tensors. The prepared model is not
-    changed.
+    changed. A DDP wrapper converts its module; a graph sharded by FSDP2's ``fully_shard``
+    is gathered first (call ``convert`` on every rank then; see :mod:`qgraph.api.distributed`).
     """
+    prepared = gather_full_model(prepared)
     if not isinstance(prepared, torch.fx.GraphModule) or PREPARED_KEY not in prepared.meta:
         raise ConfigError("convert() takes the model returned by qgraph.prepare_qat or qgraph.prepare_ptq")
     gm = eval_mode(copy_graph_module(prepared))

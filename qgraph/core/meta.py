@@ -75,6 +75,10 @@ PT2E_PLAN_KEY = "qgraph_pt2e_plan"
 BN_FROZEN_KEY = "qgraph_bn_frozen"
 """True once ``freeze_bn_stats`` froze every batch norm's statistics."""
 
+SYNC_BN_KEY = "qgraph_sync_batch_norm"
+"""True on a QAT graph whose batch norms take their training statistics from the global batch
+of all ranks (set by :func:`qgraph.sync_batch_norm`)."""
+
 
 @dataclass(frozen=True)
 class LoweredFrom:

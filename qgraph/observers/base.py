@@ -19,6 +19,17 @@ Range update rules (``spec.observer``):
 
 ``spec.learnable`` makes QAT use :class:`qgraph.observers.learnable.LearnableFakeQuantize` (LSQ);
 :func:`qgraph.observers.factory.make_quantizer` picks the class for a spec.
+
+Several processes (DDP, FSDP2, sharded calibration): a training or calibration step reduces
+the batch's ``x.min()`` / ``x.max()`` over the ranks (elementwise for per-channel and
+per-group ranges) before the update above, so every rank computes what one process computes
+on the global batch — the concatenation of the ranks' batches — bit for bit (``min`` and
+``max`` are exact), and ranks never drift apart. Why not average or broadcast afterwards:
+a moving average of per-rank ranges is no range of any data, and DDP's broadcast of rank 0's
+buffers at each forward leaves every rank its own last update. Cost: one small
+``all_reduce`` per observer per step (:func:`qgraph.core.distributed.all_reduce_range`).
+Observation outside a step — fake-quant's first call in eval mode, ``convert`` observing a
+weight — stays local: not every rank may run it.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qgraph.core.distributed import all_reduce_range
 from qgraph.core.errors import CalibrationError, ConfigError
 from qgraph.ops.qdq import dynamic_fake_quantize
 from qgraph.quant.qparams import fake_quantize, qparams_from_range
@@ -66,8 +78,13 @@ class _RangeTracker(nn.Module):
         self.register_buffer("max_val", torch.empty(0))
         self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
 
-    def _update_range(self, x: torch.Tensor) -> None:
-        self._merge_range(*_reduce_range(x, self.spec))
+    def _update_range(self, x: torch.Tensor, across_ranks: bool = False) -> None:
+        """Merge ``x``'s range; ``across_ranks``: this is a step every rank runs, so merge the
+        range of the global batch (see the module docstring)."""
+        lo, hi = _reduce_range(x, self.spec)
+        if across_ranks:
+            lo, hi = all_reduce_range(lo, hi)
+        self._merge_range(lo, hi)
 
     def _merge_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if self.min_val.numel() == 0:
@@ -131,7 +148,7 @@ class Observer(_RangeTracker):
             # value at no extra pass over x
             if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
                 raise non_finite_error(self.point)
-            self._merge_range(lo, hi)
+            self._merge_range(*all_reduce_range(lo, hi))
         return x
 
 
@@ -149,7 +166,7 @@ class FakeQuantize(_RangeTracker):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.observer_enabled.item():
-            self._update_range(x)
+            self._update_range(x, across_ranks=True)
         if not self.has_range:
             self._update_range(x)  # first call in eval mode: quantize against this batch
         scale, zero_point = self.qparams()

@@ -49,6 +49,7 @@ import math
 import torch
 from torch import nn
 
+from qgraph.core.distributed import all_reduce_sum_
 from qgraph.observers.base import FakeQuantize
 from qgraph.observers.histogram import select_range, value_histogram
 from qgraph.quant.qparams import fake_quantize, qparams_from_range
@@ -164,16 +165,20 @@ class LearnableFakeQuantize(FakeQuantize):
         else:
             self.zero_point = nn.Parameter(torch.zeros(shape))
 
-    def _update_range(self, x: torch.Tensor) -> None:
-        """Initialize from the first data seen; afterwards the range is learned, not observed."""
+    def _update_range(self, x: torch.Tensor, across_ranks: bool = False) -> None:
+        """Initialize from the first data seen; afterwards the range is learned, not observed.
+
+        ``across_ranks`` (the first training step): from the global batch's histogram or
+        range, so that every rank starts from the same parameters."""
         if self.has_range:
             return
         if self.spec.observer == "histogram":
-            lo, hi = select_range(value_histogram(x), self.spec)
+            counts = value_histogram(x)
+            lo, hi = select_range(all_reduce_sum_(counts) if across_ranks else counts, self.spec)
             self.min_val = torch.tensor([lo], dtype=torch.float32, device=x.device)
             self.max_val = torch.tensor([hi], dtype=torch.float32, device=x.device)
         else:
-            super()._update_range(x)  # the first batch: its min and max
+            super()._update_range(x, across_ranks)  # the first batch: its min and max
         scale, zero_point = qparams_from_range(self.min_val, self.max_val, self.spec)
         with torch.no_grad():
             self.scale.copy_(scale.to(self.scale.device).reshape(-1).expand(self.scale.numel()).reshape(self.scale.shape))
@@ -182,7 +187,7 @@ class LearnableFakeQuantize(FakeQuantize):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.has_range:
-            self._update_range(x)
+            self._update_range(x, across_ranks=self.training)
         if self.training and self.observer_enabled.item():
             return lsq_fake_quantize(x, self.scale, self.zero_point, self.spec)
         scale, zero_point = self.qparams()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import qgraph
-from qgraph.core.meta import ANNOTATION_KEY, PT2E_ANNOTATION_KEY, PT2E_PLAN_KEY
+from qgraph.core.meta import ANNOTATION_KEY, PT2E_ANNOTATION_KEY, PT2E_PLAN_KEY, Refusal, RefusalKind
 from qgraph.passes.prepare.annotate import REFUSALS_KEY
 from qgraph.passes.prepare.apply_pt2e_annotations import ApplyPt2eAnnotations
 from qgraph.passes.prepare.fold_conv_bn import FoldConvBn
