@@ -23,6 +23,7 @@ linear into an error.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import warnings
@@ -32,7 +33,7 @@ import torch.fx
 
 from qgraph.quant.batch_norm import FOLDED_INTO_KEY
 from qgraph.quant.config import QConfig
-from qgraph.core.errors import UnsupportedOperatorError, describe_node
+from qgraph.core.errors import ConfigError, UnsupportedOperatorError, describe_node
 from qgraph.core.graph import CONV_OPS, LINEAR_OPS, is_op, single_user
 from qgraph.core.pass_manager import Pass, PassResult
 from qgraph.quant.rules import Backend, OpRule, QuantScheme, has_float_output
@@ -64,9 +65,11 @@ class Annotate(Pass):
         self.config = config or QConfig()
         self.default = backend.default_scheme(is_qat)
         self.debug_node = debug_node or os.environ.get("QGRAPH_DEBUG_NODE")
+        self.debug_node_given = debug_node is not None
         self.refusals: dict[str, list[tuple[str, str]]] = {}
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        self._check_debug_node(gm)
         self.kept_float = self._first_and_last(gm) if self.config.keep_first_last_float else set()
         modified = False
         for rule in self.backend.rules:
@@ -75,6 +78,21 @@ class Annotate(Pass):
                     modified |= self._try(gm, rule, node)
         self._report_unquantized(gm)
         return PassResult(gm, modified)
+
+    def _check_debug_node(self, gm: torch.fx.GraphModule) -> None:
+        """A ``debug_node`` that names no node would log nothing: say so, with the closest names."""
+        if self.debug_node is None:
+            return
+        names = [n.name for n in gm.graph.nodes]
+        if self.debug_node in names:
+            return
+        close = difflib.get_close_matches(self.debug_node, names, n=3, cutoff=0.5)
+        source = "debug_node" if self.debug_node_given else "QGRAPH_DEBUG_NODE"
+        raise ConfigError(
+            f"{source}={self.debug_node!r} names no node of the graph the backend rules see"
+            f"{' (closest: ' + ', '.join(map(repr, close)) + ')' if close else ''}; "
+            "node names are in the prepare dumps (dump_dir=...)"
+        )
 
     # -- matching ---------------------------------------------------------------------
     def _refuse(self, node: torch.fx.Node, rule: OpRule, reason: str) -> bool:
