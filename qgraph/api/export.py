@@ -14,8 +14,10 @@ import torch.fx
 from qgraph.backends.executorch import emitter as executorch_emitter
 from qgraph.backends.onnx import emitter as onnx_emitter
 from qgraph.backends.executorch.emitter import PteReport
-from qgraph.api.capture import as_args, batch_dynamic_shapes
-from qgraph.core.errors import ConfigError
+from qgraph.api.capture import batch_dynamic_shapes
+from qgraph.api.inputs import check_call, split_inputs
+from qgraph.core.errors import ConfigError, ExportError, describe_node, failing_node, origin_name
+from qgraph.core.files import check_writable
 from qgraph.core.graph import copy_graph_module
 from qgraph.core.pass_manager import PassManager
 
@@ -23,6 +25,34 @@ from qgraph.core.pass_manager import PassManager
 def _check_converted(model: torch.nn.Module) -> None:
     if isinstance(model, torch.fx.GraphModule) and "qgraph_prepared" in model.meta:
         raise ConfigError("this model is prepared, not converted: call qgraph.convert(prepared) before exporting")
+
+
+def _export_inputs(fn: str, model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike) -> tuple:
+    """The example inputs as ``(args, kwargs)``, checked against what ``model`` was captured
+    with, after checking that ``path`` can be written: both fail before any export work."""
+    check_writable(path)
+    args, kwargs = split_inputs(example_inputs)
+    return check_call(model, args, kwargs, where=f"the model ({fn}'s example inputs)")
+
+
+def _failed_at_node(fn: str, runtime: str, exc: Exception, path: str | os.PathLike) -> Exception:
+    """An :class:`ExportError` naming the node the exporter failed on, or ``exc`` itself.
+
+    ExecuTorch's ``to_edge`` verifier and ``torch.onnx``'s translator raise about an operator
+    (an op outside the core ATen set with no decomposition, an op with no ONNX function); the
+    node they were at tells the user which layer of the model it is.
+    """
+    node = failing_node(exc)
+    if node is None:
+        return exc
+    innermost = exc
+    while innermost.__cause__ is not None:
+        innermost = innermost.__cause__
+    reason = next((ln.strip() for ln in str(innermost).splitlines() if ln.strip()), type(innermost).__name__)
+    return ExportError(
+        f"{fn}: node {describe_node(node, origin_name(node))} has no path to {runtime}: {reason.rstrip('.')}.\n"
+        f"Nothing was written to '{path}'. Replace that op in the model, or keep the layer out of the exported part."
+    )
 
 
 def export_pte(quantized: torch.nn.Module, example_inputs: Any, path: str | os.PathLike) -> PteReport:
@@ -45,10 +75,14 @@ def export_pte(quantized: torch.nn.Module, example_inputs: Any, path: str | os.P
 
         if (why := group_weight_blocker(quantized)) is not None:
             raise ConfigError(f"export_pte: {why}")
+    args, kwargs = _export_inputs("export_pte", quantized, example_inputs, path)
+    if isinstance(quantized, torch.fx.GraphModule):
         quantized = lower_for_xnnpack(quantized)
-    args = as_args(example_inputs)
-    program = torch.export.export(quantized, args)
-    return executorch_emitter.write_pte(program, path)
+    program = torch.export.export(quantized, args, kwargs)
+    try:
+        return executorch_emitter.write_pte(program, path)
+    except Exception as exc:  # the verifier's SpecViolationError, or any failure at a node
+        raise _failed_at_node("export_pte", "ExecuTorch", exc, path) from exc
 
 
 def lower_for_xnnpack(quantized: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -76,10 +110,14 @@ def export_onnx(quantized: torch.nn.Module, example_inputs: Any, path: str | os.
     ``ConvInteger``), see :func:`lower_for_onnx`.
     """
     _check_converted(quantized)
+    args, kwargs = _export_inputs("export_onnx", quantized, example_inputs, path)
+    args = (*args, *kwargs.values())  # the graph's forward takes keyword inputs by position too
     if isinstance(quantized, torch.fx.GraphModule):
         quantized = lower_for_onnx(quantized)
-    args = as_args(example_inputs)
-    return onnx_emitter.write_onnx(quantized, args, batch_dynamic_shapes(args), path)
+    try:
+        return onnx_emitter.write_onnx(quantized, args, batch_dynamic_shapes(args), path)
+    except Exception as exc:  # torch.onnx's ConversionError, or any failure at a node
+        raise _failed_at_node("export_onnx", "ONNX", exc, path) from exc
 
 
 def lower_for_onnx(quantized: torch.fx.GraphModule) -> torch.fx.GraphModule:
