@@ -59,7 +59,8 @@ def capture(
     says otherwise, so a prepared model trains on a smaller last batch and serves batch 1.
     A batch-1 example would fix the batch at 1 (``torch.export`` specializes sizes 0 and 1),
     so the model is traced on the example repeated to batch 2 when every tensor input has
-    batch 1; the graph then accepts any batch. ``dynamic_shapes`` as a dict names only the
+    batch 1; the graph then accepts any batch (a model that runs only at batch 1 is captured
+    as given, with its batch fixed). ``dynamic_shapes`` as a dict names only the
     inputs whose dims it changes (``{"x": {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}}`` for any
     batch, height and width); the others keep a dynamic batch. A tuple gives every input's
     spec as ``torch.export`` takes it (``(None,)``: all sizes static).
@@ -84,15 +85,14 @@ def capture(
     except TypeError as exc:
         raise CaptureError(f"example inputs do not fit {type(model).__name__}.forward: {exc}") from exc
     shapes = _dynamic_shapes(bound, dynamic_shapes)
-    private = copy.deepcopy(model)  # the exported module would alias the model's tensors
     traced = _batch_of_two(args, kw, bound, shapes)
-    try:
-        program = torch.export.export(private, *(traced or (args, kw)), dynamic_shapes=shapes)
+    try:  # on a copy: the exported module would alias the model's tensors
+        program = torch.export.export(copy.deepcopy(model), *(traced or (args, kw)), dynamic_shapes=shapes)
     except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
         if traced is None:
             raise _capture_error(model, args, kw, exc) from exc
         try:  # the model may need batch 1 (a reshape to 1 in its code): capture it as given
-            program = torch.export.export(private, args, kw, dynamic_shapes=shapes)
+            program = torch.export.export(copy.deepcopy(model), args, kw, dynamic_shapes=shapes)
         except Exception as exc:
             raise _capture_error(model, args, kw, exc) from exc
     gm = program.module()

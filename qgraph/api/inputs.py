@@ -38,11 +38,14 @@ class CapturedInputs:
     ``names`` are its parameters in order; the first ``num_positional`` were captured as
     positional inputs, the rest as keyword inputs. ``tensors[i]`` is the spec of ``names[i]``
     when that input is one tensor (None for a nested or non-tensor input, checked by the graph).
+    ``placeholders`` are the graph's input nodes it describes: a graph whose inputs were
+    rewritten since (a copy given more inputs) is no longer described, and not checked.
     """
 
     names: tuple[str, ...]
     num_positional: int
     tensors: tuple[TensorSpec | None, ...]
+    placeholders: tuple[str, ...]
 
     @property
     def keywords(self) -> tuple[str, ...]:
@@ -94,7 +97,7 @@ def record_inputs(gm: torch.fx.GraphModule) -> CapturedInputs | None:
         val = placeholders[offset].meta.get("val") if child.is_leaf() else None
         tensors.append(_spec(name, val) if isinstance(val, torch.Tensor) else None)
         offset += child.num_leaves
-    captured = CapturedInputs(names, args_spec.num_children, tuple(tensors))
+    captured = CapturedInputs(names, args_spec.num_children, tuple(tensors), tuple(n.name for n in placeholders))
     gm.meta[INPUTS_KEY] = captured
     return captured
 
@@ -112,7 +115,7 @@ def check_call(
     passed by position, one captured as keyword by name, however the caller passed it.
     """
     captured = gm.meta.get(INPUTS_KEY) if isinstance(gm, torch.fx.GraphModule) else None
-    if captured is None:
+    if captured is None or tuple(n.name for n in gm.graph.find_nodes(op="placeholder")) != captured.placeholders:
         return args, kwargs
     names = captured.names
     if len(args) > len(names):

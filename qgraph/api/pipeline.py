@@ -60,7 +60,7 @@ def _graph_of(model: nn.Module, example_inputs: Any, dynamic_shapes: Any) -> tup
 
 
 def _check_model(model: Any, fn: str) -> None:
-    """Refuse a model that is already prepared or converted, or is float64.
+    """Refuse a model that is already prepared or converted, or has float64 parameters.
 
     Preparing twice would put a second quantizer on every edge (and a converted model has
     integer weights); qgraph's quantize ops and observers work in float32, so a float64
@@ -79,7 +79,7 @@ def _check_model(model: Any, fn: str) -> None:
             "calibrate or train it and call qgraph.convert, or pass the float model to prepare it again"
         )
     if isinstance(model, nn.Module):
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        for name, tensor in model.named_parameters():
             if tensor.dtype == torch.float64:
                 raise ConfigError(
                     f"{fn}: '{name}' is float64; qgraph quantizes float32 models (observers and quantize ops "
@@ -196,6 +196,11 @@ def calibrate(
     """
     if not isinstance(prepared, torch.fx.GraphModule) or PREPARED_KEY not in prepared.meta:
         raise ConfigError("calibrate() takes the model returned by qgraph.prepare_ptq (or prepare_qat)")
+    if isinstance(batches, torch.Tensor):
+        raise ConfigError(
+            "calibrate() takes an iterable of batches; one tensor would be taken row by row as batches "
+            "without their batch dim: pass [x]"
+        )
     if num_batches is not None and num_batches < 1:
         raise ConfigError(f"num_batches must be a positive number of batches, got {num_batches}")
     eval_mode(prepared)
