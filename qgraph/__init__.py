@@ -77,6 +77,11 @@ _HOMES: dict[str, str] = {
     "PassOrderError": "qgraph.core.errors",
     "PassError": "qgraph.core.errors",
     "CalibrationError": "qgraph.core.errors",
+    "InputError": "qgraph.core.errors",
+    "ExportError": "qgraph.core.errors",
+    "OutputPathError": "qgraph.core.errors",
+    "ModelFileError": "qgraph.core.errors",
+    "ModelFileNotFoundError": "qgraph.core.errors",
 }
 _ALIASES = {"report": "write_report"}
 
@@ -106,6 +111,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         CalibrationError,
         CaptureError,
         ConfigError,
+        ExportError,
+        InputError,
+        ModelFileError,
+        ModelFileNotFoundError,
+        OutputPathError,
         PassError,
         PassOrderError,
         QGraphError,

@@ -457,7 +457,8 @@ def run_export(args) -> int:
     if Path(args.program).suffix.lower() != ".pt2":
         raise UsageError(f"export {args.program}: expected a .pt2 program written by `qgraph quantize --out *.pt2`")
     _torch()
-    from qgraph.api.pipeline import CONVERTED_KEY
+    from qgraph.api.modes import eval_mode
+    from qgraph.core.meta import CONVERTED_KEY
     from qgraph.core.errors import ConfigError
     from qgraph.model_spec import load_program
 
@@ -467,7 +468,7 @@ def run_export(args) -> int:
     missing = sorted({"backend", "input_shape", "dynamic_batch"} - set(record))
     if missing:
         raise ConfigError(f"{args.program}: its qgraph.json lacks {missing}; write it again with `qgraph quantize --out *.pt2`")
-    converted = program.module()
+    converted = eval_mode(program.module())  # a converted program serves inference (torch.onnx warns otherwise)
     converted.meta[CONVERTED_KEY] = {"backend": record["backend"]}
     print("\n".join(_write(converted, args.out, record)))
     return 0

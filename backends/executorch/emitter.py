@@ -16,7 +16,9 @@ from typing import Any, Callable
 import torch
 from tabulate import tabulate
 
-from qgraph.core.files import atomic_write_bytes
+from qgraph.core.errors import InputError, ModelFileError
+from qgraph.core.files import atomic_write_bytes, read_head
+from qgraph.core.inputs import TensorSpec, check_count, check_tensor
 from qgraph.core.opsets import BOOKKEEPING_OPS
 from qgraph.core.quiet import quiet
 
@@ -136,20 +138,101 @@ def write_pte(program: torch.export.ExportedProgram, path: str | os.PathLike) ->
 def load_pte(path: str | os.PathLike) -> Callable[..., Any]:
     """A callable that runs ``forward`` of the ``.pte`` in the ExecuTorch runtime.
 
+    The file is checked before the runtime sees it (missing, empty, not an ExecuTorch program,
+    shorter than its header says), and a program the runtime still refuses raises
+    :class:`ModelFileError` naming the path. The callable checks its inputs' number, dtypes
+    and sizes against the program's method meta before running it.
+
     Loading runs under :func:`~qgraph.core.quiet.quiet` with ``native_stderr``: the
     runtime's C++ log lines (its CPU probe when the runtime starts) stay off stderr unless
-    loading fails. Calls are left
-    alone: a successful ``execute`` writes nothing, a failing one should be heard, and
-    redirecting stderr costs tens of microseconds per call (measured here: more than a
-    small program's whole ``execute``), which every latency figure would carry.
+    loading fails. Calls are left alone: a successful ``execute`` writes nothing, a failing
+    one should be heard, and redirecting stderr costs tens of microseconds per call
+    (measured here: more than a small program's whole ``execute``), which every latency
+    figure would carry.
     """
+    _check_pte_file(path)
     with quiet(native_stderr=True):
         from executorch.runtime import Runtime
 
-        method = Runtime.get().load_program(str(path)).load_method("forward")
+        try:
+            method = Runtime.get().load_program(str(path)).load_method("forward")
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ModelFileError(
+                f"the ExecuTorch runtime cannot load '{path}' ({exc}): the file is corrupt or was written by "
+                "another ExecuTorch version; export it again"
+            ) from exc
+    meta = method.metadata
+    specs = [_tensor_spec(f"input{i}", meta.input_tensor_meta(i)) for i in range(meta.num_inputs())]
+    where = f"the ExecuTorch program '{path}'"
 
     def run(*args: torch.Tensor):
-        outputs = method.execute([a.contiguous() for a in args])
+        check_count(where, specs, len(args))
+        for spec, arg in zip(specs, args):
+            check_tensor(where, spec, arg, shape_hint=_static_hint, sizes_are_bounds=True)
+        try:
+            outputs = method.execute([a.contiguous() for a in args])
+        except RuntimeError as exc:
+            if all(tuple(a.shape) == spec.shape for a, spec in zip(args, specs)):
+                raise
+            # a size under the planned one, which a program with static shapes refuses
+            got = ", ".join(str(list(a.shape)) for a in args)
+            raise InputError(
+                f"{where} does not take inputs of shape {got}; it takes ({', '.join(map(str, specs))}). "
+                f"{_static_hint(specs[0], [])}"
+            ) from exc
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     return run
+
+
+# ExecuTorch's ScalarType codes (runtime/core/portable_type/scalar_type.h), as in c10.
+_SCALAR_TYPES = {
+    0: torch.uint8,
+    1: torch.int8,
+    2: torch.int16,
+    3: torch.int32,
+    4: torch.int64,
+    5: torch.float16,
+    6: torch.float32,
+    7: torch.float64,
+    11: torch.bool,
+    15: torch.bfloat16,
+}
+_PTE_IDENTIFIER = slice(4, 6)
+"""A program is a flatbuffer whose file identifier, bytes 4-7, is ``ET`` and a version (``ET12``)."""
+
+
+def _tensor_spec(name: str, info) -> TensorSpec:
+    return TensorSpec(name, _SCALAR_TYPES.get(info.dtype()), tuple(info.sizes()))
+
+
+def _static_hint(spec: TensorSpec, dims: list[int]) -> str:
+    return (
+        "qgraph.export_pte writes a program with the static shapes of its example inputs: "
+        "export again with an example of the shape you run."
+    )
+
+
+def _check_pte_file(path: str | os.PathLike) -> None:
+    """Raise :class:`ModelFileError` for a file the runtime would refuse with a bare error code.
+
+    After the flatbuffer identifier (``ET12``) a program written with segments has an
+    extended header: ``eh00``, its length (uint32), the flatbuffer size and the segments'
+    offset and size (uint64 each, little-endian); a file shorter than they add up to is
+    truncated.
+    """
+    head, size = read_head(path, "ExecuTorch program")
+    if head[_PTE_IDENTIFIER] != b"ET":
+        also = " (an ONNX model loads with qgraph.load_onnx)" if str(path).endswith(".onnx") else ""
+        raise ModelFileError(
+            f"'{path}' is not an ExecuTorch program: bytes 4-7 are {head[4:8]!r}, not the 'ET..' identifier{also}"
+        )
+    if head[8:12] == b"eh00" and len(head) >= 40:
+        length = int.from_bytes(head[12:16], "little")
+        program, offset = int.from_bytes(head[16:24], "little"), int.from_bytes(head[24:32], "little")
+        segments = int.from_bytes(head[32:40], "little") if length >= 32 else 0
+        expected = max(program, offset + segments)
+        if size < expected:
+            raise ModelFileError(
+                f"'{path}' is truncated: its header says {expected} bytes, the file has {size}; export it again"
+            )

@@ -23,8 +23,9 @@ from qgraph.backends.onnx import interface
 from qgraph.backends.onnx.dynamic import dynamic_translations
 from qgraph.backends.onnx.global_pool import use_global_average_pool
 from qgraph.backends.onnx.lowbit import group_translations, needs_opset
-from qgraph.core.errors import ConfigError
-from qgraph.core.files import atomic_path
+from qgraph.core.errors import ConfigError, ModelFileError
+from qgraph.core.files import atomic_path, read_head
+from qgraph.core.inputs import TensorSpec, check_count, check_tensor
 from qgraph.core.quiet import quiet, verbose
 
 DEFAULT_OPSET = 20
@@ -126,9 +127,16 @@ def load_onnx(path: str | os.PathLike, optimize: bool = True, spin: bool = True)
     ``spin=False`` lets the session's worker threads sleep as soon as a run ends, instead of
     spinning for work: for several sessions that take turns in one process (a benchmark),
     where one session's spinning threads would slow the next one's run.
+
+    A missing, empty or unloadable file raises :class:`~qgraph.core.errors.ModelFileError`
+    (``ModelFileNotFoundError`` when missing) naming the path. The callable checks its inputs'
+    number, dtypes and sizes against the model's inputs (symbolic dims take any size).
     """
     import onnxruntime as ort
 
+    head, _ = read_head(path, "ONNX model")
+    if head[4:6] == b"ET":
+        raise ModelFileError(f"'{path}' is an ExecuTorch program, not an ONNX model: load it with qgraph.load_pte")
     options = ort.SessionOptions()
     if not verbose():
         options.log_severity_level = 3  # errors only: ONNX Runtime's warnings go to fd 2 from C++
@@ -136,12 +144,49 @@ def load_onnx(path: str | os.PathLike, optimize: bool = True, spin: bool = True)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime's own exception types, one per status code
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(
+            f"ONNX Runtime cannot load '{path}' ({reason}): the file is truncated, corrupt or not an ONNX model; "
+            "export it again"
+        ) from exc
+    specs = [_tensor_spec(i) for i in session.get_inputs()]
+    where = f"the ONNX model '{path}'"
 
     def run(*args: torch.Tensor):
-        feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
+        check_count(where, specs, len(args))
+        for spec, arg in zip(specs, args):
+            check_tensor(where, spec, arg, shape_hint=_static_hint)
+        feeds = {s.name: a.detach().cpu().numpy() for s, a in zip(specs, args)}
         outputs = [torch.from_numpy(o) for o in session.run(None, feeds)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     return run
+
+
+_ONNX_TYPES = {
+    "tensor(float)": torch.float32,
+    "tensor(double)": torch.float64,
+    "tensor(float16)": torch.float16,
+    "tensor(bfloat16)": torch.bfloat16,
+    "tensor(int64)": torch.int64,
+    "tensor(int32)": torch.int32,
+    "tensor(int16)": torch.int16,
+    "tensor(int8)": torch.int8,
+    "tensor(uint8)": torch.uint8,
+    "tensor(bool)": torch.bool,
+}
+
+
+def _tensor_spec(arg) -> TensorSpec:
+    """An ONNX Runtime input (``NodeArg``) as a spec; a symbolic dim (a name or None) takes any size."""
+    return TensorSpec(arg.name, _ONNX_TYPES.get(arg.type), tuple(d if isinstance(d, int) else None for d in arg.shape))
+
+
+def _static_hint(spec: TensorSpec, dims: list[int]) -> str:
+    return (
+        "qgraph.export_onnx keeps the example's sizes in every dim but the batch: "
+        "export again with an example of the size you run."
+    )

@@ -28,8 +28,9 @@ import operator
 import torch
 import torch.fx
 
-from qgraph.core.errors import CalibrationError, describe_node
+from qgraph.core.errors import CalibrationError
 from qgraph.core.graph import add_constant, copy_provenance, get_constant
+from qgraph.core.node_info import describe_node
 from qgraph.core.pass_manager import Pass, PassResult
 from qgraph.observers.base import QUANTIZER_TYPES, DerivedQuantizer, DynamicQuantizer, FakeQuantize, Observer
 from qgraph.ops.qdq import dynamic_qdq_ops, dynamic_qparams_call, qd

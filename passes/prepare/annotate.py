@@ -27,6 +27,7 @@ the exporters, :data:`~qgraph.quant.rules.Check`); this pass gives it its kind:
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import os
@@ -35,9 +36,10 @@ import warnings
 import torch
 import torch.fx
 
-from qgraph.core.errors import UnsupportedOperatorError, describe_node
+from qgraph.core.errors import ConfigError, UnsupportedOperatorError
 from qgraph.core.graph import is_op, single_user
 from qgraph.core.meta import ANNOTATION_KEY, FOLDED_INTO_KEY, REFUSALS_KEY, Refusal, RefusalKind
+from qgraph.core.node_info import describe_node
 from qgraph.core.opsets import CONV_OPS, LINEAR_OPS
 from qgraph.core.pass_manager import Pass, PassResult
 from qgraph.quant.config import QConfig
@@ -59,9 +61,11 @@ class Annotate(Pass):
         self.config = config or QConfig()
         self.default = backend.default_scheme(is_qat)
         self.debug_node = debug_node or os.environ.get("QGRAPH_DEBUG_NODE")
+        self.debug_node_given = debug_node is not None
         self.refusals: dict[str, list[Refusal]] = {}
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        self._check_debug_node(gm)
         self.kept_float = self._first_and_last(gm) if self.config.keep_first_last_float else set()
         modified = False
         for rule in self.backend.rules:
@@ -70,6 +74,21 @@ class Annotate(Pass):
                     modified |= self._try(gm, rule, node)
         self._report_unquantized(gm)
         return PassResult(gm, modified)
+
+    def _check_debug_node(self, gm: torch.fx.GraphModule) -> None:
+        """A ``debug_node`` that names no node would log nothing: say so, with the closest names."""
+        if self.debug_node is None:
+            return
+        names = [n.name for n in gm.graph.nodes]
+        if self.debug_node in names:
+            return
+        close = difflib.get_close_matches(self.debug_node, names, n=3, cutoff=0.5)
+        source = "debug_node" if self.debug_node_given else "QGRAPH_DEBUG_NODE"
+        raise ConfigError(
+            f"{source}={self.debug_node!r} names no node of the graph the backend rules see"
+            f"{' (closest: ' + ', '.join(map(repr, close)) + ')' if close else ''}; "
+            "node names are in the prepare dumps (dump_dir=...)"
+        )
 
     # -- matching ---------------------------------------------------------------------
     def _try(self, gm: torch.fx.GraphModule, rule: OpRule, anchor: torch.fx.Node) -> bool:

@@ -49,8 +49,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from qgraph.core.errors import ConfigError, describe_node
+from qgraph.core.errors import ConfigError
 from qgraph.core.meta import PT2E_ANNOTATION_KEY, PT2E_PLAN_KEY
+from qgraph.core.node_info import describe_node
 from qgraph.core.pass_manager import Pass, PassResult
 from qgraph.passes.prepare.pt2e_plan import PlannedNode, Pt2ePlan
 from qgraph.quant.specs import AnySpec, DerivedSpec, FixedSpec, PerChannel, PerTensor, Point, QuantSpec, SharedSpec

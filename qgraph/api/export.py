@@ -11,15 +11,18 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
-from qgraph.api.capture import as_args, batch_dynamic_shapes
+from qgraph.api.capture import batch_dynamic_shapes
+from qgraph.api.inputs import check_call, split_inputs
 from qgraph.backends.executorch import emitter as executorch_emitter
 from qgraph.backends.executorch.emitter import PteReport
 from qgraph.backends.executorch.lowbit import UseEmbeddingKernels, group_weight_blocker
 from qgraph.backends.onnx import emitter as onnx_emitter
 from qgraph.backends.onnx import interface as onnx_interface
-from qgraph.core.errors import ConfigError
+from qgraph.core.errors import ConfigError, ExportError, QGraphError
+from qgraph.core.files import check_writable
 from qgraph.core.graph import copy_graph_module
-from qgraph.core.meta import CONVERTED_KEY
+from qgraph.core.meta import CONVERTED_KEY, PREPARED_KEY
+from qgraph.core.node_info import describe_node, failing_node, origin_name
 from qgraph.core.pass_manager import PassManager
 from qgraph.core.version import __version__
 from qgraph.passes.export.fold_bias_dequantize import FoldBiasDequantize
@@ -29,8 +32,36 @@ from qgraph.passes.lora.add_lora import pte_blocker
 
 
 def _check_converted(model: torch.nn.Module) -> None:
-    if isinstance(model, torch.fx.GraphModule) and "qgraph_prepared" in model.meta:
+    if isinstance(model, torch.fx.GraphModule) and PREPARED_KEY in model.meta:
         raise ConfigError("this model is prepared, not converted: call qgraph.convert(prepared) before exporting")
+
+
+def _export_inputs(fn: str, model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike) -> tuple:
+    """The example inputs as ``(args, kwargs)``, checked against what ``model`` was captured
+    with, after checking that ``path`` can be written: both fail before any export work."""
+    check_writable(path)
+    args, kwargs = split_inputs(example_inputs)
+    return check_call(model, args, kwargs, where=f"the model ({fn}'s example inputs)")
+
+
+def _failed_at_node(fn: str, runtime: str, exc: Exception, path: str | os.PathLike) -> Exception:
+    """An :class:`ExportError` naming the node the exporter failed on, or ``exc`` itself.
+
+    ExecuTorch's ``to_edge`` verifier and ``torch.onnx``'s translator raise about an operator
+    (an op outside the core ATen set with no decomposition, an op with no ONNX function); the
+    node they were at tells the user which layer of the model it is.
+    """
+    node = failing_node(exc)
+    if node is None:
+        return exc
+    innermost = exc
+    while innermost.__cause__ is not None:
+        innermost = innermost.__cause__
+    reason = next((ln.strip() for ln in str(innermost).splitlines() if ln.strip()), type(innermost).__name__)
+    return ExportError(
+        f"{fn}: node {describe_node(node, origin_name(node))} has no path to {runtime}: {reason.rstrip('.')}.\n"
+        f"Nothing was written to '{path}'. Replace that op in the model, or keep the layer out of the exported part."
+    )
 
 
 def export_pte(quantized: torch.nn.Module, example_inputs: Any, path: str | os.PathLike) -> PteReport:
@@ -45,16 +76,18 @@ def export_pte(quantized: torch.nn.Module, example_inputs: Any, path: str | os.P
     """
     _check_converted(quantized)
     if isinstance(quantized, torch.fx.GraphModule):
-
         if (why := pte_blocker(quantized)) is not None:
             raise ConfigError(f"export_pte: {why}")
-
         if (why := group_weight_blocker(quantized)) is not None:
             raise ConfigError(f"export_pte: {why}")
+    args, kwargs = _export_inputs("export_pte", quantized, example_inputs, path)
+    if isinstance(quantized, torch.fx.GraphModule):
         quantized = lower_for_xnnpack(quantized)
-    args = as_args(example_inputs)
-    program = torch.export.export(quantized, args)
-    return executorch_emitter.write_pte(program, path)
+    program = torch.export.export(quantized, args, kwargs)
+    try:
+        return executorch_emitter.write_pte(program, path)
+    except Exception as exc:  # the verifier's SpecViolationError, or any failure at a node
+        raise _failed_at_node("export_pte", "ExecuTorch", exc, path) from exc
 
 
 def lower_for_xnnpack(quantized: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -101,19 +134,25 @@ def export_onnx(
         "qgraph.backend": _backend_of(quantized),
         "qgraph.scheme": onnx_interface.quantization_summary(quantized),
     }
+    args, kwargs = _export_inputs("export_onnx", quantized, example_inputs, path)
+    args = (*args, *kwargs.values())  # the graph's forward takes keyword inputs by position too
     if isinstance(quantized, torch.fx.GraphModule):
         quantized = lower_for_onnx(quantized)
-    args = as_args(example_inputs)
-    return onnx_emitter.write_onnx(
-        quantized,
-        args,
-        batch_dynamic_shapes(args),
-        path,
-        input_names=input_names,
-        output_names=output_names,
-        opset=opset,
-        properties=properties,
-    )
+    try:
+        return onnx_emitter.write_onnx(
+            quantized,
+            args,
+            batch_dynamic_shapes(args),
+            path,
+            input_names=input_names,
+            output_names=output_names,
+            opset=opset,
+            properties=properties,
+        )
+    except QGraphError:
+        raise
+    except Exception as exc:  # torch.onnx's ConversionError, or any failure at a node
+        raise _failed_at_node("export_onnx", "ONNX", exc, path) from exc
 
 
 def _backend_of(model: torch.nn.Module) -> str:

@@ -7,16 +7,18 @@ and convert work on deep copies.
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from qgraph.api.capture import as_args, capture, capture_program
+from qgraph.api.capture import capture, capture_program
 from qgraph.api.distributed import gather_full_model
+from qgraph.api.inputs import INPUTS_KEY, batch_inputs, install_input_check, record_inputs, split_inputs
 from qgraph.api.modes import bind_mode_methods, eval_mode, train_mode
 from qgraph.backends import get_backend
 from qgraph.core.distributed import rank
@@ -24,6 +26,7 @@ from qgraph.core.errors import CalibrationError, ConfigError
 from qgraph.core.graph import copy_graph_module
 from qgraph.core.meta import CONVERTED_KEY, LORA_KEY, PREPARED_KEY
 from qgraph.core.pass_manager import PassManager
+from qgraph.observers.base import QUANTIZER_TYPES
 from qgraph.passes.convert.fold_bn import FoldBn
 from qgraph.passes.convert.freeze_qparams import FreezeQparams
 from qgraph.passes.convert.quantize_weights import QuantizeWeights
@@ -40,23 +43,62 @@ from qgraph.passes.prepare.stochastic_depth import StochasticDepth
 from qgraph.quant.config import QConfig
 
 
-def _graph_of(model: nn.Module, example_inputs: Any) -> tuple[torch.fx.GraphModule, bool]:
+def _graph_of(model: nn.Module, example_inputs: Any, dynamic_shapes: Any) -> tuple[torch.fx.GraphModule, bool]:
     """A private GraphModule for ``model`` and whether the model was in training mode.
 
     An ``ExportedProgram`` has no mode of its own: QAT prepares it for training, PTQ for eval.
     """
-    if isinstance(model, torch.fx.GraphModule):
-        return copy_graph_module(model), model.training
-    if isinstance(model, torch.export.ExportedProgram):
-        return capture_program(model), True
+    if isinstance(model, (torch.fx.GraphModule, torch.export.ExportedProgram)):
+        if dynamic_shapes is not None:
+            raise ConfigError(
+                "dynamic_shapes applies when qgraph captures the model; this one is captured already: "
+                "pass the nn.Module, or capture it again with qgraph.capture(model, inputs, dynamic_shapes)"
+            )
+        if isinstance(model, torch.export.ExportedProgram):
+            return capture_program(model), True
+        gm = copy_graph_module(model)
+        if INPUTS_KEY not in gm.meta:
+            record_inputs(gm)
+        return install_input_check(gm), model.training
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model must be an nn.Module, an ExportedProgram or a captured GraphModule, got {type(model).__name__}"
         )
-    return capture(model, example_inputs), model.training
+    return capture(model, example_inputs, dynamic_shapes), model.training
 
 
-def _prepare(model, example_inputs, backend, config, dump_dir, debug_node, is_qat: bool) -> torch.fx.GraphModule:
+def _check_model(model: Any, fn: str) -> None:
+    """Refuse a model that is already prepared or converted, or has float64 parameters.
+
+    Preparing twice would put a second quantizer on every edge (and a converted model has
+    integer weights); qgraph's quantize ops and observers work in float32, so a float64
+    model would fail only at convert.
+    """
+    meta = getattr(model, "meta", {}) if isinstance(model, torch.fx.GraphModule) else {}
+    if CONVERTED_KEY in meta:
+        raise ConfigError(
+            f"{fn}: this model is already converted (quantize / dequantize ops, integer weights); "
+            f"pass the float model to {fn}"
+        )
+    holds_quantizers = isinstance(model, nn.Module) and any(isinstance(m, QUANTIZER_TYPES) for m in model.modules())
+    if PREPARED_KEY in meta or holds_quantizers:
+        raise ConfigError(
+            f"{fn}: this model is already prepared (it holds observers or fake-quant modules); "
+            "calibrate or train it and call qgraph.convert, or pass the float model to prepare it again"
+        )
+    if isinstance(model, nn.Module):
+        for name, tensor in model.named_parameters():
+            if tensor.dtype == torch.float64:
+                raise ConfigError(
+                    f"{fn}: '{name}' is float64; qgraph quantizes float32 models (observers and quantize ops "
+                    "work in float32). Pass model.float() and float32 example inputs."
+                )
+
+
+
+def _prepare(
+    model, example_inputs, backend, config, dump_dir, debug_node, is_qat: bool, dynamic_shapes: Any = None
+) -> torch.fx.GraphModule:
     if is_pt2e_quantizer(backend):
         if config is not None:
             raise ConfigError(
@@ -74,7 +116,10 @@ def _prepare(model, example_inputs, backend, config, dump_dir, debug_node, is_qa
             "this graph already has LoRA adapters; prepare the base model first and add adapters after: "
             "qgraph.add_lora(qgraph.prepare_qat(model, example_inputs), ...)"
         )
-    gm, training = _graph_of(model, example_inputs)
+    _check_model(model, "prepare_qat" if is_qat else "prepare_ptq")
+    gm, training = _graph_of(model, example_inputs, dynamic_shapes)
+    if config is not None:
+        config.check_module_names(gm)
     if not is_qat:
         eval_mode(gm)
     fuse = FuseConvBnQat() if is_qat else FoldConvBn()
@@ -112,6 +157,7 @@ def prepare_qat(
     config: QConfig | None = None,
     dump_dir: str | os.PathLike | None = None,
     debug_node: str | None = None,
+    dynamic_shapes: Any = None,
 ) -> torch.fx.GraphModule:
     """Capture ``model`` and insert fake-quant modules for quantization-aware training.
 
@@ -123,8 +169,14 @@ def prepare_qat(
     not changed). ``backend`` is ``"xnnpack"``, ``"x86"`` or a PT2E ``Quantizer`` (torchao /
     ExecuTorch, e.g. ``XNNPACKQuantizer().set_global(...)``), whose annotations then decide
     every spec (see :mod:`qgraph.passes.prepare.pt2e_annotate`); ``config`` must be None then.
+
+    ``example_inputs``: a tensor, a tuple of positional inputs or a dict of keyword inputs
+    (``{"input_ids": ids, "attention_mask": mask}``); the batch stays dynamic, a batch-1
+    example included. ``dynamic_shapes`` makes more dims dynamic, by input name:
+    ``{"x": {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}}`` (see :func:`qgraph.capture`). The
+    prepared model checks every call against the captured inputs (names, dtypes, static sizes).
     """
-    return _prepare(model, example_inputs, backend, config, dump_dir, debug_node, is_qat=True)
+    return _prepare(model, example_inputs, backend, config, dump_dir, debug_node, True, dynamic_shapes)
 
 
 def prepare_ptq(
@@ -134,18 +186,35 @@ def prepare_ptq(
     config: QConfig | None = None,
     dump_dir: str | os.PathLike | None = None,
     debug_node: str | None = None,
+    dynamic_shapes: Any = None,
 ) -> torch.fx.GraphModule:
     """Capture ``model`` in eval mode, fold BN into convs and insert observers for calibration.
 
-    ``model`` and ``backend`` take the same forms as in :func:`prepare_qat`.
+    ``model`` and ``backend`` take the same forms, ``example_inputs`` and ``dynamic_shapes``
+    the same meaning as in :func:`prepare_qat`.
     """
-    return _prepare(model, example_inputs, backend, config, dump_dir, debug_node, is_qat=False)
+    return _prepare(model, example_inputs, backend, config, dump_dir, debug_node, False, dynamic_shapes)
 
 
-def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[Any], progress: bool = True) -> torch.fx.GraphModule:
-    """Run ``batches`` (tensors or tuples of arguments) through a PTQ-prepared model.
+def calibrate(
+    prepared: torch.fx.GraphModule,
+    batches: Iterable[Any],
+    progress: bool = True,
+    *,
+    input_fn: Callable[[Any], Any] | None = None,
+    num_batches: int | None = None,
+) -> torch.fx.GraphModule:
+    """Run ``batches`` through a PTQ-prepared model; observers record ranges.
 
-    Runs in eval mode without gradients; observers record ranges. NaN or inf raises
+    ``batches`` is any iterable, a ``DataLoader`` included. Each batch gives the model's inputs:
+    a tensor is its one input; a tuple or list gives its leading elements, as many as the model
+    takes (``(images, labels)`` → ``images``); a dict gives the keyword inputs the model was
+    captured with (``labels`` and other keys are left out). ``input_fn(batch)`` picks the
+    inputs itself (a tensor, a tuple of positional inputs or a dict of keyword inputs, taken
+    as they are). ``num_batches`` stops after that many batches.
+
+    Runs in eval mode without gradients. An input that does not match the captured ones
+    raises :class:`~qgraph.core.errors.InputError`; NaN or inf raises
     :class:`~qgraph.core.errors.CalibrationError` naming the first quantized node that saw it.
 
     In several processes each rank passes its own shard, the same number of batches on
@@ -155,15 +224,27 @@ def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[Any], progress: 
     the same in any batch (:mod:`qgraph.api.distributed`).
     The progress bar shows on rank 0.
     """
+    if not isinstance(prepared, torch.fx.GraphModule) or PREPARED_KEY not in prepared.meta:
+        raise ConfigError("calibrate() takes the model returned by qgraph.prepare_ptq (or prepare_qat)")
+    if isinstance(batches, torch.Tensor):
+        raise ConfigError(
+            "calibrate() takes an iterable of batches; one tensor would be taken row by row as batches "
+            "without their batch dim: pass [x]"
+        )
+    if num_batches is not None and num_batches < 1:
+        raise ConfigError(f"num_batches must be a positive number of batches, got {num_batches}")
     eval_mode(prepared)
     seen = 0
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    if num_batches is not None:
+        batches = itertools.islice(batches, num_batches)
+        total = num_batches if total is None else min(total, num_batches)
     with torch.no_grad():
         for batch in tqdm(batches, total=total, desc="calibrate", disable=not progress or rank() != 0, leave=False):
-            prepared(*as_args(batch))
+            args, kwargs = split_inputs(input_fn(batch)) if input_fn else batch_inputs(prepared, batch)
+            prepared(*args, **kwargs)
             seen += 1
     if seen == 0:
-
         raise CalibrationError("calibrate() got no batches; pass an iterable of example inputs")
     return prepared
 

@@ -7,8 +7,6 @@ apart from bugs in the model.
 
 from __future__ import annotations
 
-import torch.fx
-
 
 class QGraphError(Exception):
     """Base class of every error qgraph raises on purpose."""
@@ -38,21 +36,22 @@ class CalibrationError(QGraphError):
     """Calibration met NaN or inf, or saw no data."""
 
 
-def describe_node(node: torch.fx.Node) -> str:
-    """``'conv2d_3' (aten.conv2d.default) from model.py:12 in features.0.0`` for error texts."""
-    where = source_line(node)
-    module = node.meta.get("nn_module_stack")
-    mod_path = list(module.values())[-1][0] if module else ""
-    text = f"'{node.name}' ({node.target})"
-    if mod_path:
-        text += f" in module '{mod_path}'"
-    if where:
-        text += f" from {where}"
-    return text
+class InputError(QGraphError, ValueError):
+    """Inputs do not match what a model was captured or exported with: their number, names,
+    dtypes or static sizes. The message gives the expected signature and how to change it."""
 
 
-def source_line(node: torch.fx.Node) -> str:
-    """The innermost ``File "...", line N`` of the node's stack trace, or ''."""
-    trace = node.meta.get("stack_trace") or ""
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
-    return lines[-1] if lines else ""
+class ExportError(QGraphError):
+    """A model cannot be written in the chosen format: an operator has no path to the runtime."""
+
+
+class OutputPathError(QGraphError, OSError):
+    """A file cannot be written at the path given: a directory, under a file, not writable."""
+
+
+class ModelFileError(QGraphError):
+    """A ``.pte`` / ``.onnx`` file cannot be loaded: empty, truncated, corrupt or another format."""
+
+
+class ModelFileNotFoundError(ModelFileError, FileNotFoundError):
+    """The ``.pte`` / ``.onnx`` file to load does not exist (also a ``FileNotFoundError``)."""

@@ -7,13 +7,15 @@ global. A value of ``None`` keeps matching nodes in float.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.fx
 
+from qgraph.core.errors import ConfigError
 from qgraph.core.graph import module_path, module_types
 from qgraph.quant.rules import QuantScheme
 
@@ -73,6 +75,24 @@ class QConfig:
         if found is _UNSET:
             found = self.scheme if self.scheme is not None else default
         return found  # type: ignore[return-value]
+
+
+    def check_module_names(self, gm: torch.fx.GraphModule) -> None:
+        """Raise :class:`ConfigError` for a :meth:`set_module_name` pattern that matches no
+        module of ``gm``, naming the closest module paths: a misspelt name would otherwise
+        leave the layer it meant quantized (or float) without a word."""
+        paths = {module_path(n) for n in gm.graph.nodes} - {""}
+        for pattern in self.module_names:
+            if any(_matches_path(pattern, path) for path in paths):
+                continue
+            prefixes = sorted({".".join(p.split(".")[: i + 1]) for p in paths for i in range(p.count(".") + 1)})
+            close = difflib.get_close_matches(pattern, prefixes, n=3, cutoff=0.5)
+            hint = f"closest: {', '.join(map(repr, close))}" if close else f"modules: {', '.join(prefixes[:10])}"
+            raise ConfigError(
+                f"QConfig.set_module_name({pattern!r}, ...) matches no module of the captured model ({hint}). "
+                "Patterns are regular expressions matched against the dotted module path; a module that "
+                "runs no op (nn.Identity) has no path in the graph."
+            )
 
 
 def _matches_path(pattern: str, path: str) -> bool:
