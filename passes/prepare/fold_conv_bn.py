@@ -38,9 +38,9 @@ class FoldConvBn(Pass):
             args[1], args[2] = w_node, b_node
             conv.args = tuple(args)
             bn.replace_all_uses_with(conv)
-            for counter in bn_counter_updates(gm, bn.args[1]):
-                gm.graph.erase_node(counter)
             gm.graph.erase_node(bn)
+        for counter in bn_counter_updates(gm, [bn.args[1] for _, bn in pairs]):
+            gm.graph.erase_node(counter)
         if pairs:
             gm.graph.eliminate_dead_code()
         return PassResult(gm, bool(pairs))
