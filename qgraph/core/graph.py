@@ -77,12 +77,20 @@ def copy_provenance(new: torch.fx.Node, source: torch.fx.Node, pass_name: str, a
 
     ``from_node`` gains a :class:`NodeSource` for ``source`` with ``pass_name``, the way
     ``torch.export`` records the history of a node across passes.
+
+    ``NodeSource(source)`` would deep-copy ``source``'s whole history, whose depth grows with
+    every pass; here the new record shares it instead, as ``Graph.node_copy`` shares ``meta``
+    between a graph and its copy. A history is never changed once written (``NodeSource``
+    caches its ``to_dict()``), so sharing is safe, and ``to_dict()`` comes out the same.
     """
     for key in PROVENANCE_KEYS:
         if key in source.meta and key not in new.meta:
             new.meta[key] = source.meta[key]
     act = NodeSourceAction.REPLACE if action == "replace" else NodeSourceAction.CREATE
-    new.meta["from_node"] = [NodeSource(source, pass_name, act)]
+    record = NodeSource(None, pass_name, act)
+    record.node_info = NodeSource.NodeInfo(source.name, str(source.target), id(source.graph))
+    record.from_node = list(source.meta.get("from_node", ()))
+    new.meta["from_node"] = [record]
 
 
 def replace_node(gm: torch.fx.GraphModule, old: torch.fx.Node, new: torch.fx.Node, pass_name: str) -> None:
