@@ -13,6 +13,8 @@ import torch
 import torch.fx
 from torch.fx.traceback import NodeSource, NodeSourceAction
 
+from qgraph.core.gc_pause import gc_paused
+
 aten = torch.ops.aten
 
 
@@ -139,7 +141,8 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     bound to the instance (``train``/``eval`` from ``bind_mode_methods``) are not copied:
     they would act on the original.
     """
-    new = copy.deepcopy(gm)
+    with gc_paused():
+        new = copy.deepcopy(gm)
     new.meta = dict(gm.meta)
     new.__dict__.pop("train", None)
     new.__dict__.pop("eval", None)

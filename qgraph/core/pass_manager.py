@@ -19,6 +19,7 @@ from typing import ClassVar, Sequence
 import torch.fx
 
 from qgraph.core.errors import PassError, PassOrderError, QGraphError
+from qgraph.core.gc_pause import gc_paused
 
 
 @dataclass
@@ -81,6 +82,11 @@ class PassManager:
             seen.add(type(p))
 
     def __call__(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """Run the passes on ``gm`` with the garbage collector paused (see :mod:`qgraph.core.gc_pause`)."""
+        with gc_paused():
+            return self._run(gm)
+
+    def _run(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         from qgraph.core.dump import GraphDumper
 
         dumper = GraphDumper(Path(self.dump_dir) / self.stage) if self.dump_dir else None
