@@ -29,9 +29,9 @@ the cost per node (``seconds / nodes``) at the largest size over that at the siz
 1,000 nodes: about 1 for a stage whose cost is linear with little fixed part, far above 1
 for one that is quadratic. ``"stage": "prepare_qat+convert"`` sums the two.
 
-torchao is timed only while its ``prepare_qat`` + ``convert`` is estimated (from its fit at
-the sizes before) to take under ``--torchao-budget-s`` seconds; the sizes past that get a
-``"kind": "skip"`` line with the estimate.
+torchao is timed at the two smallest sizes, then only while its ``prepare_qat`` + ``convert``
+is estimated (from its fit at the sizes before) to take under ``--torchao-budget-s`` seconds;
+the sizes past that get a ``"kind": "skip"`` line with the estimate.
 
 Output: JSON lines on stdout; progress and library noise go to stderr. Usage::
 
@@ -160,8 +160,6 @@ def linear_fit(nodes: list[int], seconds: list[float]) -> tuple[float, float]:
     n = len(nodes)
     mean_x, mean_y = sum(nodes) / n, sum(seconds) / n
     sxx = sum((x - mean_x) ** 2 for x in nodes)
-    if sxx == 0:
-        return 0.0, mean_y / mean_x
     per_node = sum((x - mean_x) * (y - mean_y) for x, y in zip(nodes, seconds)) / sxx
     return mean_y - per_node * mean_x, per_node
 
@@ -172,10 +170,9 @@ def fit_record(flow: str, stage: str, rows: list[dict[str, Any]]) -> dict[str, A
     for clock in ("wall", "cpu"):
         seconds = [r[f"{clock}_s"] for r in rows]
         prefix = "" if clock == "wall" else "cpu_"
-        if len(rows) >= 2:
-            fixed, per_node = linear_fit(nodes, seconds)
-            record[f"{prefix}fixed_s"] = round(fixed, 4)
-            record[f"{prefix}per_node_ms"] = round(1000 * per_node, 5)
+        fixed, per_node = linear_fit(nodes, seconds)
+        record[f"{prefix}fixed_s"] = round(fixed, 4)
+        record[f"{prefix}per_node_ms"] = round(1000 * per_node, 5)
         near = min(range(len(rows)), key=lambda i: abs(nodes[i] - NEAR))
         largest = max(range(len(rows)), key=lambda i: nodes[i])
         if largest != near:
@@ -206,12 +203,11 @@ def totals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def estimate_s(rows: list[dict[str, Any]], nodes: int) -> float | None:
-    """``prepare_qat`` + ``convert`` at ``nodes`` from the fit of the sizes measured so far."""
+    """``prepare_qat`` + ``convert`` at ``nodes`` from the fit of the sizes measured so far;
+    None before two sizes (one size cannot tell a fixed cost from a per-node one)."""
     done = totals(rows)
-    if not done:
+    if len(done) < 2:
         return None
-    if len(done) == 1:
-        return done[0]["wall_s"] * nodes / done[0]["nodes"]
     fixed, per_node = linear_fit([r["nodes"] for r in done], [r["wall_s"] for r in done])
     return fixed + per_node * nodes
 
@@ -251,10 +247,25 @@ def run(blocks: list[int], flows: list[str], budget_s: float) -> None:
             del stages
             gc.collect()
     for flow, flow_rows in rows.items():
+        if len({r["nodes"] for r in flow_rows}) < 2:
+            continue  # nothing to fit
         for stage in dict.fromkeys(r["stage"] for r in flow_rows):
             emit(fit_record(flow, stage, [r for r in flow_rows if r["stage"] == stage]))
-        if flow_rows:
-            emit(fit_record(flow, TOTAL, totals(flow_rows)))
+        emit(fit_record(flow, TOTAL, totals(flow_rows)))
+    emit(summary(rows))
+
+
+def summary(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """qgraph's ``prepare_qat`` + ``convert`` at its largest size, and over torchao's at each shared size."""
+    ours = {r["nodes"]: r for r in totals(rows.get("qgraph", []))}
+    theirs = {r["nodes"]: r for r in totals(rows.get("torchao", []))}
+    record: dict[str, Any] = {"kind": "summary", "stage": TOTAL}
+    if ours:
+        largest = ours[max(ours)]
+        record.update(nodes=largest["nodes"], wall_s=largest["wall_s"], cpu_s=largest["cpu_s"],
+                      other_cores=largest["other_cores"])  # fmt: skip
+    record["vs_torchao_wall"] = {n: round(ours[n]["wall_s"] / theirs[n]["wall_s"], 4) for n in sorted(ours.keys() & theirs.keys())}
+    return record
 
 
 def main(argv: list[str] | None = None) -> None:
