@@ -25,6 +25,7 @@ class FoldConvBn(Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         pairs = conv_bn_pairs(gm)
+        counters = bn_counter_updates(gm, [bn.args[1] for _, bn in pairs])  # before erasing clears args
         for conv, bn in pairs:
             weight_node = conv.args[1]
             bias_node = conv.args[2] if len(conv.args) > 2 else None
@@ -39,7 +40,7 @@ class FoldConvBn(Pass):
             conv.args = tuple(args)
             bn.replace_all_uses_with(conv)
             gm.graph.erase_node(bn)
-        for counter in bn_counter_updates(gm, [bn.args[1] for _, bn in pairs]):
+        for counter in counters:
             gm.graph.erase_node(counter)
         if pairs:
             gm.graph.eliminate_dead_code()
