@@ -7,7 +7,7 @@ the compiler's. Its captured graph has ``10 B + 6`` nodes; the default ``--block
 
 For each size and flow, one line per stage (``"kind": "stage"``) with its wall time
 (``wall_s``), this process's CPU time (``cpu_s``; the steadier figure when other processes
-share the machine), the part of it spent in Python's garbage collector (``gc_s``), and how
+share the machine), the part of that spent in Python's garbage collector (``gc_s``), and how
 many cores other processes kept busy meanwhile (``other_cores``, from ``/proc/stat``;
 absolute times mean something only near 0). Stages, in order:
 
@@ -73,7 +73,7 @@ TOTAL = "prepare_qat+convert"
 
 
 class GcClock:
-    """Seconds spent in the cyclic garbage collector while active (``gc.callbacks``)."""
+    """CPU seconds spent in the cyclic garbage collector while active (``gc.callbacks``)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -81,9 +81,9 @@ class GcClock:
 
     def _callback(self, phase: str, info: dict) -> None:
         if phase == "start":
-            self._start = time.perf_counter()
+            self._start = time.process_time()
         else:
-            self.seconds += time.perf_counter() - self._start
+            self.seconds += time.process_time() - self._start
 
     def __enter__(self) -> "GcClock":
         gc.callbacks.append(self._callback)
