@@ -50,19 +50,32 @@ class FoldBn(Pass):
             node.replace_all_uses_with(const)
             gm.graph.erase_node(node)
             folded += 1
-        simulated = [n for n in gm.graph.nodes if SIMULATED_BN_KEY in n.meta]
+        simulated = self._drop_simulated_bn(gm)
+        if folded or simulated:
+            remove_dead_nodes(gm)
+        return PassResult(gm, bool(folded or simulated))
+
+    @staticmethod
+    def _drop_simulated_bn(gm: torch.fx.GraphModule) -> int:
+        """Drop the simulated-BN records and the BN counters; the number of convs that had one.
+
+        The records name their nodes (see :class:`~qgraph.passes.prepare.simulated_bn.SimulatedBn`);
+        one walk of the graph resolves them all.
+        """
+        nodes = {n.name: n for n in gm.graph.nodes}
+        simulated = [n for n in nodes.values() if SIMULATED_BN_KEY in n.meta]
+        gammas = []
         for conv in simulated:
             info = conv.meta.pop(SIMULATED_BN_KEY)
             if info.form != "eval":
                 raise RuntimeError(f"conv '{conv.name}' is still in QAT train form; call eval_mode before folding")
-            gamma = next((n for n in gm.graph.nodes if n.name == info.gamma), None)
-            for counter in bn_counter_updates(gm, gamma):
-                gm.graph.erase_node(counter)
+            gammas.append(nodes.get(info.gamma))
+        for counter in bn_counter_updates(gm, gammas):
+            gm.graph.erase_node(counter)
+        if simulated:
             for n in gm.graph.nodes:
                 n.meta.pop(EVAL_FORM_KEY, None)
-        if folded or simulated:
-            remove_dead_nodes(gm)
-        return PassResult(gm, bool(folded or simulated))
+        return len(simulated)
 
 
 def _folded_name(node: torch.fx.Node) -> str:

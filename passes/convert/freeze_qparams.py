@@ -77,9 +77,9 @@ class FreezeQparams(Pass):
                     "run qgraph.calibrate (PTQ) or train a few steps (QAT) before convert"
                 )
             self._replace(gm, node, mod)
-        for name in used_modules:
-            if not any(n.op == "call_module" and n.target == name for n in gm.graph.nodes):
-                delattr(gm, name)
+        still_called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+        for name in used_modules - still_called:
+            delattr(gm, name)
         return PassResult(gm, changed)
 
     def _replace(self, gm: torch.fx.GraphModule, node: torch.fx.Node, mod) -> None:

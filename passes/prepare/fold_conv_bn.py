@@ -25,6 +25,7 @@ class FoldConvBn(Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         pairs = conv_bn_pairs(gm)
+        counters = bn_counter_updates(gm, [bn.args[1] for _, bn in pairs])  # before erasing clears args
         for conv, bn in pairs:
             weight_node = conv.args[1]
             bias_node = conv.args[2] if len(conv.args) > 2 else None
@@ -38,9 +39,9 @@ class FoldConvBn(Pass):
             args[1], args[2] = w_node, b_node
             conv.args = tuple(args)
             bn.replace_all_uses_with(conv)
-            for counter in bn_counter_updates(gm, bn.args[1]):
-                gm.graph.erase_node(counter)
             gm.graph.erase_node(bn)
+        for counter in counters:
+            gm.graph.erase_node(counter)
         if pairs:
             gm.graph.eliminate_dead_code()
         return PassResult(gm, bool(pairs))

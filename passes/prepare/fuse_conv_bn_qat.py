@@ -24,6 +24,9 @@ between the forms. Because the eval form computes ``w * s`` and ``b'`` with the 
 ``convert`` constant-folds, eval-mode fake-quant and the converted graph agree bit for bit.
 Nodes of the train-form tail carry ``qgraph_folded_into = <conv name>`` so that the
 annotate pass treats them as part of the conv.
+
+The pass does a constant amount of work per pair: :func:`~qgraph.quant.batch_norm.conv_bn_pairs`
+walks the graph once, and each tail is built from the nodes in hand, never by searching.
 """
 
 from __future__ import annotations
@@ -37,9 +40,6 @@ from qgraph.passes.prepare.simulated_bn import SimulatedBn, build_train_tail, ma
 from qgraph.quant.batch_norm import conv_bn_pairs
 
 aten = torch.ops.aten
-
-
-
 
 
 class FuseConvBnQat(Pass):
@@ -69,7 +69,7 @@ class FuseConvBnQat(Pass):
             args = list(conv.args) + [None] * (3 - len(conv.args))
             args[1], args[2] = scaled_w, scaled_b
             conv.args = tuple(args)
-            conv.meta[SIMULATED_BN_KEY] = SimulatedBn(
+            info = SimulatedBn(
                 gamma=gamma.name,
                 beta=beta.name,
                 mean=mean.name,
@@ -82,8 +82,10 @@ class FuseConvBnQat(Pass):
                 cudnn=bool(bn.args[8]) if len(bn.args) > 8 else False,
                 bn_meta=dict(bn.meta),
             )
+            conv.meta[SIMULATED_BN_KEY] = info
             # Rebuild the tail in train form; the exported bn node is replaced by the new one.
-            new_bn = build_train_tail(gm, conv, conv.meta[SIMULATED_BN_KEY], training=bool(bn.args[5]))
+            params = {n.name: n for n in (gamma, beta, mean, var, scale)}
+            new_bn = build_train_tail(graph, conv, info, bool(bn.args[5]), params)
             bn.replace_all_uses_with(new_bn)
             graph.erase_node(bn)
         return PassResult(gm, bool(pairs))

@@ -13,6 +13,8 @@ import torch
 import torch.fx
 from torch.fx.traceback import NodeSource, NodeSourceAction
 
+from qgraph.core.gc_pause import gc_paused
+
 aten = torch.ops.aten
 
 
@@ -78,12 +80,20 @@ def copy_provenance(new: torch.fx.Node, source: torch.fx.Node, pass_name: str, a
 
     ``from_node`` gains a :class:`NodeSource` for ``source`` with ``pass_name``, the way
     ``torch.export`` records the history of a node across passes.
+
+    ``NodeSource(source)`` would deep-copy ``source``'s whole history, whose depth grows with
+    every pass; here the new record shares it instead, as ``Graph.node_copy`` shares ``meta``
+    between a graph and its copy. A history is never changed once written (``NodeSource``
+    caches its ``to_dict()``), so sharing is safe, and ``to_dict()`` comes out the same.
     """
     for key in PROVENANCE_KEYS:
         if key in source.meta and key not in new.meta:
             new.meta[key] = source.meta[key]
     act = NodeSourceAction.REPLACE if action == "replace" else NodeSourceAction.CREATE
-    new.meta["from_node"] = [NodeSource(source, pass_name, act)]
+    record = NodeSource(None, pass_name, act)
+    record.node_info = NodeSource.NodeInfo(source.name, str(source.target), id(source.graph))
+    record.from_node = list(source.meta.get("from_node", ()))
+    new.meta["from_node"] = [record]
 
 
 def replace_node(gm: torch.fx.GraphModule, old: torch.fx.Node, new: torch.fx.Node, pass_name: str) -> None:
@@ -132,7 +142,8 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     bound to the instance (``train``/``eval`` from ``bind_mode_methods``) are not copied:
     they would act on the original.
     """
-    new = copy.deepcopy(gm)
+    with gc_paused():
+        new = copy.deepcopy(gm)
     new.meta = dict(gm.meta)
     new.__dict__.pop("train", None)
     new.__dict__.pop("eval", None)

@@ -20,6 +20,7 @@ import networkx as nx
 import torch.fx
 
 from qgraph.core.errors import PassError, PassOrderError, QGraphError
+from qgraph.core.gc_pause import gc_paused
 
 
 @dataclass
@@ -119,6 +120,11 @@ class PassManager:
                 )
 
     def __call__(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """Run the passes on ``gm`` with the garbage collector paused (see :mod:`qgraph.core.gc_pause`)."""
+        with gc_paused():
+            return self._run(gm)
+
+    def _run(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         from qgraph.core.dump import GraphDumper
 
         dumper = GraphDumper(Path(self.dump_dir) / self.stage) if self.dump_dir else None

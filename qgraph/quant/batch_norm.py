@@ -11,6 +11,7 @@ which is what PTQ folding stores and what ``convert`` computes from a QAT graph.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -54,17 +55,24 @@ def fold_conv_bn_weights(
     return (weight.detach() * s.reshape(shape)), ((b - p.mean) * s + p.beta).detach()
 
 
-def bn_counter_updates(gm: torch.fx.GraphModule, gamma: object) -> list[torch.fx.Node]:
-    """The ``num_batches_tracked += 1`` nodes of the BN whose weight is ``gamma`` (same module)."""
-    if not isinstance(gamma, torch.fx.Node) or gamma.op != "get_attr":
-        return []
-    prefix = str(gamma.target).rpartition(".")[0]
-    target = f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"
+def bn_counter_updates(gm: torch.fx.GraphModule, gammas: Iterable[object]) -> list[torch.fx.Node]:
+    """The ``num_batches_tracked += 1`` nodes of the BNs whose weights are ``gammas`` (same module).
+
+    All BNs at once, in one walk of the graph: a pass that drops ``k`` batch norms asks once,
+    not ``k`` times.
+    """
+    counters = set()
+    for gamma in gammas:
+        if isinstance(gamma, torch.fx.Node) and gamma.op == "get_attr":
+            prefix = str(gamma.target).rpartition(".")[0]
+            counters.add(f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked")
     found = []
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.target == target:
-            found.extend(u for u in node.users if u.op == "call_function")
+    if counters:
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and node.target in counters:
+                found.extend(u for u in node.users if u.op == "call_function")
     return found
+
 
 def conv_bn_pairs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
     """``(conv, bn)`` pairs where the BN is the conv's only user and both have constant params."""

@@ -39,6 +39,15 @@ def test_fold_keeps_provenance_and_is_a_no_op_the_second_time(conv_bn_net, image
     assert FoldConvBn()(gm).modified is False
 
 
+def test_a_training_capture_loses_the_bn_counters_too(conv_bn_net, image_batch):
+    """``num_batches_tracked += 1`` of a folded BN is gone (a capture in train mode has one per BN)."""
+    gm = qgraph.eval_mode(qgraph.capture(conv_bn_net.train(), (image_batch,)))
+    assert count_ops(gm)[aten.add_.Tensor] == 2
+    gm = FoldConvBn()(gm).graph_module
+    gm.graph.lint()
+    assert count_ops(gm)[aten.add_.Tensor] == 0
+
+
 def test_conv_with_two_users_keeps_its_bn(image_batch):
     class TwoUsers(torch.nn.Module):
         def __init__(self):
