@@ -52,6 +52,7 @@ class FreezeQparams(Pass):
     name = "freeze_qparams"
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        self._retyped_vals: dict[tuple, torch.Tensor] = {}
         changed = False
         used_modules = set()
         for node in list(gm.graph.nodes):
@@ -82,6 +83,18 @@ class FreezeQparams(Pass):
             delattr(gm, name)
         return PassResult(gm, changed)
 
+    def _retyped(self, val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``val.to(dtype)``, one per distinct (shape, strides, device, dtype) in the graph.
+
+        ``val`` is a fake tensor; making one costs a dispatch through its fake mode (about a
+        millisecond), which a graph of thousands of quantizers would pay per quantizer. Meta
+        values are read, never written, so nodes of the same metadata share one.
+        """
+        key = (id(getattr(val, "fake_mode", None)), str(val.shape), str(val.stride()), val.device, val.dtype, dtype)
+        if key not in self._retyped_vals:
+            self._retyped_vals[key] = val.to(dtype)
+        return self._retyped_vals[key]
+
     def _replace(self, gm: torch.fx.GraphModule, node: torch.fx.Node, mod) -> None:
         scale, zero_point, qmin, qmax, dtype, axis = _frozen_qparams(mod)
         graph = gm.graph
@@ -105,7 +118,7 @@ class FreezeQparams(Pass):
             copy_provenance(q, node, self.name)
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
-                q.meta["val"] = val.to(dtype)
+                q.meta["val"] = self._retyped(val, dtype)
         dq_args = (*qparams, torch.float32) if isinstance(group, PerGroup) else qparams  # + output dtype
         for user in list(node.users):
             with graph.inserting_before(user):
